@@ -1,0 +1,229 @@
+"""One client connection to one server: handshake, request/response matching, pings.
+
+A call registers a `Pending` slot under a fresh request id and waits for it with its
+deadline; the reader fills the slot. When the connection dies every pending call fails
+at once with `ConnectError`, never at its timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from ..errors import (
+    ConnectError,
+    ForkcoreError,
+    MethodNotFound,
+    NoServerAvailable,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+    Unauthorized,
+)
+from ..grains import Key
+from ..protocol.connection import ProtocolConnection
+from ..protocol.messages import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Failure,
+    Goodbye,
+    Hello,
+    OneWay,
+    Ping,
+    Pong,
+    Request,
+    Response,
+    Welcome,
+)
+from ..transport import Channel
+
+log = logging.getLogger("forkcore.client")
+
+
+class Pending:
+    __slots__ = ("done", "error", "event", "result")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.done = False
+        self.result: Any = None
+        self.error: ForkcoreError | None = None
+
+    def resolve(self, result: Any) -> None:
+        if not self.done:
+            self.done = True
+            self.result = result
+            self.event.set()
+
+    def fail(self, error: ForkcoreError) -> None:
+        if not self.done:
+            self.done = True
+            self.error = error
+            self.event.set()
+
+
+def failure_error(f: Failure) -> ForkcoreError:
+    """The exception a caller sees for a Failure message."""
+    if f.kind == "remote":
+        return RemoteError(f.type_name, f.message)
+    if f.kind == "method_not_found":
+        return MethodNotFound(f.message)
+    if f.kind == "timeout":
+        return RequestTimeout(f.message)
+    if f.kind == "unauthorized":
+        return Unauthorized(f.message)
+    if f.kind == "unavailable":
+        return NoServerAvailable(f.message)
+    return ProtocolError(f"{f.type_name}: {f.message}")
+
+
+class ClientConnection:
+    """An open, handshaken connection; `run()` reads until it closes."""
+
+    def __init__(self, channel: Channel, endpoint: str, welcome: Welcome,
+                 proto: ProtocolConnection) -> None:
+        self.channel = channel
+        self.endpoint = endpoint
+        self.welcome = welcome
+        self.proto = proto
+        self.pending: dict[int, Pending] = {}
+        self.closed = False
+        self.draining = False
+        self.rtt: float | None = None
+        self.last_error: str | None = None
+        self._next_id = 1
+        self._pings: dict[int, float] = {}
+
+    @classmethod
+    async def handshake(cls, channel: Channel, endpoint: str, client_id: str,
+                        timeout: float) -> ClientConnection:
+        proto = ProtocolConnection("client")
+        try:
+            with anyio.fail_after(timeout):
+                channel.send(proto.encode(Hello(PROTOCOL_VERSION, client_id, ())))
+                msg = proto.decode(await channel.receive())
+        except TimeoutError:
+            raise ConnectError(f"{endpoint} did not complete the handshake within {timeout:g}s; "
+                               "is it a forkcore server of the same transport?") from None
+        except ProtocolError as exc:
+            raise ConnectError(f"{endpoint} answered the handshake badly: {exc}") from None
+        assert isinstance(msg, Welcome)
+        return cls(channel, endpoint, msg, proto)
+
+    @property
+    def server_id(self) -> str:
+        return self.welcome.server_id
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.pending)
+
+    # -- calls ----------------------------------------------------------------------------
+
+    async def request(self, interface: str, key: Key, method: str, args: list[Any],
+                      kwargs: dict[str, Any], deadline: float) -> Any:
+        if self.closed:
+            raise ConnectError(f"connection to {self.server_id} ({self.endpoint}) is closed")
+        rid = self._next_id
+        self._next_id = rid + 1
+        remaining = deadline - anyio.current_time()
+        body = self.proto.encode(Request(rid, interface, key, method, args, kwargs,
+                                         max(remaining, 0.0)))
+        pending = Pending()
+        self.pending[rid] = pending
+        try:
+            self.channel.send(body)
+            with anyio.CancelScope(deadline=deadline):
+                await pending.event.wait()
+        finally:
+            if not pending.done:
+                self.pending.pop(rid, None)
+                if not self.closed:
+                    try:
+                        self.channel.send(self.proto.encode(Cancel(rid)))
+                    except ConnectError:
+                        pass
+        if not pending.done:
+            raise RequestTimeout(
+                f"{interface}.{method} on server {self.server_id} did not answer within its "
+                "deadline; raise request_timeout or rpc(timeout=...) if it needs longer")
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def one_way(self, interface: str, key: Key, method: str, args: list[Any],
+                kwargs: dict[str, Any], delivery: str) -> None:
+        if self.closed:
+            raise ConnectError(f"connection to {self.server_id} ({self.endpoint}) is closed")
+        self.channel.send(self.proto.encode(OneWay(interface, key, method, args, kwargs)),
+                          delivery)
+
+    def ping(self) -> None:
+        nonce = self._next_id
+        self._next_id += 1
+        self._pings[nonce] = anyio.current_time()
+        if len(self._pings) > 16:
+            self._pings.pop(next(iter(self._pings)))
+        self.channel.send(self.proto.encode(Ping(nonce, 0.0)))
+
+    # -- reading --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read responses until the connection ends; then fail whatever is in flight."""
+        reason = "closed"
+        try:
+            while True:
+                msg = self.proto.decode(await self.channel.receive())
+                t = type(msg)
+                if t is Response:
+                    p = self.pending.pop(msg.id, None)  # type: ignore[union-attr]
+                    if p is not None:
+                        p.resolve(msg.result)  # type: ignore[union-attr]
+                elif t is Failure:
+                    p = self.pending.pop(msg.id, None)  # type: ignore[union-attr]
+                    if p is not None:
+                        p.fail(failure_error(msg))  # type: ignore[arg-type]
+                elif t is Pong:
+                    sent = self._pings.pop(msg.nonce, None)  # type: ignore[union-attr]
+                    if sent is not None:
+                        sample = anyio.current_time() - sent
+                        self.rtt = sample if self.rtt is None else 0.8 * self.rtt + 0.2 * sample
+                elif t is Ping:
+                    self.channel.send(self.proto.encode(Pong(msg.nonce, msg.sent_at)))  # type: ignore[union-attr]
+                elif t is Goodbye:
+                    self.draining = True
+                    log.info("server %s (%s) says goodbye: %s", self.server_id, self.endpoint,
+                             msg.reason)  # type: ignore[union-attr]
+                else:
+                    raise ProtocolError(f"unexpected {t.__name__} from a server")
+        except ConnectError as exc:
+            reason = str(exc)
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            log.warning("closing connection to %s: %s", self.endpoint, exc)
+        finally:
+            self.close(reason)
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.last_error = reason
+        pending, self.pending = self.pending, {}
+        for p in pending.values():
+            p.fail(ConnectError(
+                f"connection to server {self.server_id} ({self.endpoint}) was lost while the "
+                f"call was in flight ({reason}); it may or may not have run"))
+
+
+async def heartbeat(conn: ClientConnection, interval: float) -> None:
+    """Ping every `interval` seconds so RTT is known; ends when the connection closes."""
+    while not conn.closed:
+        try:
+            conn.ping()
+        except ConnectError:
+            return
+        await anyio.sleep(interval)

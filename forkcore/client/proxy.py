@@ -1,0 +1,57 @@
+"""Typed grain proxies: a subclass of the interface per interface, built once and cached,
+whose methods forward to the client with the method's options already resolved."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..grains import Affinity, GrainId, InterfaceSpec, MethodSpec
+
+if TYPE_CHECKING:
+    from .client import Client
+
+
+class GrainRef:
+    """What a proxy knows: the client, the grain id and the reference's affinity."""
+
+    __slots__ = ("affinity", "client", "grain_id")
+
+    def __init__(self, client: Client, grain_id: GrainId, affinity: Affinity | None) -> None:
+        self.client = client
+        self.grain_id = grain_id
+        self.affinity = affinity
+
+
+_proxies: dict[int, tuple[InterfaceSpec, type]] = {}
+
+
+def _forwarder(method: MethodSpec) -> Any:
+    async def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        ref: GrainRef = self._ref
+        return await ref.client.invoke(ref.grain_id, ref.affinity, method, list(args), kwargs)
+
+    call.__name__ = call.__qualname__ = method.name
+    return call
+
+
+def proxy_class(spec: InterfaceSpec) -> type:
+    """The proxy class for `spec` (a subclass of its interface)."""
+    cached = _proxies.get(id(spec))
+    if cached is not None and cached[0] is spec:
+        return cached[1]
+    namespace: dict[str, Any] = {name: _forwarder(m) for name, m in spec.methods.items()}
+    namespace["__slots__"] = ("_ref",)
+    namespace["__init__"] = _init
+    namespace["__repr__"] = _repr
+    namespace["grain_id"] = property(lambda self: self._ref.grain_id)
+    cls = type(f"{spec.cls.__name__}Proxy", (spec.cls,), namespace, _forkcore_proxy=True)
+    _proxies[id(spec)] = (spec, cls)
+    return cls
+
+
+def _init(self: Any, ref: GrainRef) -> None:
+    self._ref = ref
+
+
+def _repr(self: Any) -> str:
+    return f"<grain proxy {self._ref.grain_id}>"

@@ -1,0 +1,32 @@
+"""`ServerView`: the read-only picture of one server that strategies and users see."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from ..grains import InterfaceInfo
+
+
+@attrs.frozen(slots=True)
+class ServerView:
+    """One server as the client sees it now.
+
+    `rtt` is the smoothed round-trip time in seconds (None until measured); `state` is
+    one of "connecting", "healthy", "unhealthy", "draining"; `versions` maps each
+    interface the server declares to what it declared.
+    """
+
+    id: str
+    endpoint: str
+    zone: str | None = None
+    metadata: Mapping[str, Any] = attrs.field(factory=dict)
+    interfaces: frozenset[str] = frozenset()
+    healthy: bool = False
+    rtt: float | None = None
+    in_flight: int = 0
+    state: str = "connecting"
+    last_error: str | None = None
+    versions: Mapping[str, InterfaceInfo] = attrs.field(factory=dict)

@@ -1,0 +1,252 @@
+"""Configuration: TOML (or a mapping, or keyword arguments) → validated attrs options.
+
+Every option is declared once, with its type, default, check and a one-line doc, so the
+file reader, the Python constructors and the documentation agree. An unknown key, a
+wrong type or a bad value is a `ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+_MISSING = object()
+
+
+def option(
+    default: Any = _MISSING,
+    *,
+    types: tuple[type, ...],
+    doc: str,
+    check: Callable[[Any], str | None] | None = None,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """Declare an option: allowed `types`, an optional `check` returning a complaint."""
+    meta = {"types": types, "doc": doc, "check": check}
+    if factory is not None:
+        return attrs.field(factory=factory, metadata=meta, kw_only=True)
+    if default is _MISSING:
+        return attrs.field(metadata=meta, kw_only=True)
+    return attrs.field(default=default, metadata=meta, kw_only=True)
+
+
+def positive(v: Any) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def at_least_one(v: Any) -> str | None:
+    return None if v >= 1 else "must be at least 1"
+
+
+def non_empty(v: Any) -> str | None:
+    return None if v else "must not be empty"
+
+
+def one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
+
+    return check
+
+
+def endpoint_list(v: Any) -> str | None:
+    if not v:
+        return "must list at least one 'host:port'"
+    if not all(isinstance(e, str) for e in v):
+        return "must be a list of 'host:port' strings"
+    from .transport import split_endpoint
+
+    for e in v:
+        try:
+            split_endpoint(e)
+        except ConfigError as exc:
+            return str(exc)
+    return None
+
+
+def endpoint(v: Any) -> str | None:
+    return endpoint_list([v])
+
+
+def str_list(v: Any) -> str | None:
+    return None if all(isinstance(e, str) for e in v) else "must be a list of strings"
+
+
+NUMBER = (int, float)
+
+
+@attrs.frozen
+class HealthOptions:
+    heartbeat_interval: float = option(1.0, types=NUMBER, check=positive,
+                                       doc="seconds between heartbeats to each server")
+    unhealthy_after: int = option(3, types=(int,), check=at_least_one,
+                                  doc="missed heartbeats after which a server is unhealthy")
+
+
+@attrs.frozen
+class SecurityOptions:
+    psk: str | None = option(None, types=(str,), doc="pre-shared key (at least 16 bytes)")
+    psk_file: str | None = option(None, types=(str,), doc="file holding the pre-shared key")
+
+
+@attrs.frozen
+class ClientOptions:
+    servers: list[str] = option(types=(list,), check=endpoint_list,
+                                doc="server endpoints, 'host:port'")
+    mode: str = option("single", types=(str,), check=one_of("single", "multi"),
+                       doc="'single': one server at a time; 'multi': all servers at once")
+    transport: str = option("tcp", types=(str,), check=non_empty, doc="transport plugin name")
+    strategy: str = option("round_robin", types=(str,), check=non_empty,
+                           doc="strategy plugin name (multi mode)")
+    strategy_options: dict[str, Any] = option(factory=dict, types=(dict,),
+                                              doc="keyword options for the strategy factory")
+    conflict_resolver: str = option("highest_version", types=(str,), check=non_empty,
+                                    doc="conflict resolver plugin name")
+    affinity: str = option("none", types=(str,), check=non_empty,
+                           doc="affinity policy plugin name")
+    connections_per_server: int = option(1, types=(int,), check=at_least_one,
+                                         doc="connections to each server (multi mode)")
+    request_timeout: float = option(10.0, types=NUMBER, check=positive,
+                                    doc="seconds a call may take unless its method says otherwise")
+    connect_timeout: float = option(5.0, types=NUMBER, check=positive,
+                                    doc="seconds to establish one connection, handshake included")
+    transport_options: dict[str, Any] = option(factory=dict, types=(dict,),
+                                               doc="keyword options for the transport factory")
+    reconnect_initial_delay: float = option(0.05, types=NUMBER, check=positive,
+                                            doc="first reconnect delay in seconds (doubles)")
+    reconnect_max_delay: float = option(5.0, types=NUMBER, check=positive,
+                                        doc="cap of the reconnect delay in seconds")
+    client_id: str | None = option(None, types=(str,),
+                                   doc="id sent in the handshake (default: random)")
+    health: HealthOptions = option(factory=HealthOptions, types=(HealthOptions,),
+                                   doc="[client.health] table")
+    security: SecurityOptions = option(factory=SecurityOptions, types=(SecurityOptions,),
+                                       doc="[client.security] table")
+
+
+@attrs.frozen
+class ServerOptions:
+    id: str = option(types=(str,), check=non_empty, doc="the server's id, announced to clients")
+    listen: str = option("127.0.0.1:0", types=(str,), check=endpoint,
+                         doc="'host:port' to listen on (port 0: any free port)")
+    transport: str = option("tcp", types=(str,), check=non_empty, doc="transport plugin name")
+    grains: list[Any] = option(factory=list, types=(list, tuple),
+                               doc="modules to import; the Grain classes they define are hosted")
+    zone: str | None = option(None, types=(str,), doc="the server's zone, for zone affinity")
+    metadata: dict[str, Any] = option(factory=dict, types=(dict,),
+                                      doc="free-form metadata announced to clients")
+    transport_options: dict[str, Any] = option(factory=dict, types=(dict,),
+                                               doc="keyword options for the transport factory")
+    idle_timeout: float = option(900.0, types=NUMBER, check=positive,
+                                 doc="seconds after its last call an activation is deactivated")
+    collection_interval: float = option(10.0, types=NUMBER, check=positive,
+                                        doc="seconds between sweeps for idle activations")
+    drain_timeout: float = option(10.0, types=NUMBER, check=positive,
+                                  doc="seconds calls in flight may take to finish at shutdown")
+    handshake_timeout: float = option(5.0, types=NUMBER, check=positive,
+                                      doc="seconds a new connection has to complete its handshake")
+    max_in_flight: int = option(1024, types=(int,), check=at_least_one,
+                                doc="calls in flight per connection; the excess is refused")
+    max_depth: int = option(64, types=(int,), check=at_least_one,
+                            doc="maximum nesting depth of a received value")
+    security: SecurityOptions = option(factory=SecurityOptions, types=(SecurityOptions,),
+                                       doc="[server.security] table")
+
+
+_NESTED: dict[str, type] = {"health": HealthOptions, "security": SecurityOptions}
+
+
+def build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
+    """Build option class `cls` from `data`, checking every key; `where` prefixes errors
+    (e.g. "server.toml: [client]")."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a table of options, got {type(data).__name__}")
+    fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[misc]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(fields))}"
+        )
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        field = fields[name]
+        nested = _NESTED.get(name)
+        if nested is not None and not isinstance(value, nested):
+            if value is None:
+                continue
+            value = build(nested, value, f"{where}.{name}")
+        values[name] = _checked(value, field, f"{where} key {name!r}")
+    missing = [n for n, f in fields.items() if f.default is attrs.NOTHING and n not in values]
+    if missing:
+        raise ConfigError(f"{where}: key {missing[0]!r} is required")
+    return cls(**values)
+
+
+def _checked(value: Any, field: Any, where: str) -> Any:
+    types: tuple[type, ...] = field.metadata["types"]
+    if value is None and field.default is None:
+        return None
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        names = " or ".join("number" if t is float else t.__name__ for t in types if t is not int
+                            or float not in types)
+        raise ConfigError(f"{where} must be {names}, not {type(value).__name__} ({value!r})")
+    if float in types and isinstance(value, int):
+        value = float(value)
+    if isinstance(value, tuple):
+        value = list(value)
+    check = field.metadata["check"]
+    if check is not None:
+        complaint = check(value)
+        if complaint:
+            raise ConfigError(f"{where} {complaint} (got {value!r})")
+    return value
+
+
+@attrs.frozen
+class Config:
+    """A loaded configuration file: its `[client]` and `[server]` tables, either may be None."""
+
+    client: ClientOptions | None
+    server: ServerOptions | None
+    path: str | None = None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_config(path: str | Path | Mapping[str, Any]) -> Config:
+    """Read a TOML file (or an already parsed mapping) into validated options."""
+    if isinstance(path, Mapping):
+        data, label = dict(path), "<config>"
+    else:
+        data, label = read_toml(path), str(path)
+    unknown = sorted(set(data) - {"client", "server"})
+    if unknown:
+        raise ConfigError(f"{label}: unknown table [{unknown[0]}]; use [client] and [server]")
+    client = build(ClientOptions, data["client"], f"{label}: [client]") if "client" in data \
+        else None
+    server = build(ServerOptions, data["server"], f"{label}: [server]") if "server" in data \
+        else None
+    return Config(client, server, None if label == "<config>" else label)
+
+
+def options_from_kwargs(cls: type[T], kwargs: Mapping[str, Any], label: str) -> T:
+    """Build options from Python keyword arguments with the same checks as the file."""
+    return build(cls, {k: v for k, v in kwargs.items() if v is not None}, label)

@@ -1,0 +1,241 @@
+"""Grain interfaces, grain implementations, `rpc()` options and grain ids.
+
+An interface is a class of `async def` stubs; subclassing `GrainInterface` records a
+frozen `InterfaceSpec` on it once, so neither the client nor the server inspects
+classes on a call's path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import uuid
+from collections.abc import Callable, Mapping
+from enum import Enum
+from typing import Any, ClassVar, TypeVar
+
+import attrs
+
+from .errors import ConfigError
+
+Key = str | int | uuid.UUID | bytes
+KEY_TYPES = (str, int, uuid.UUID, bytes)
+DELIVERY_MODES = ("reliable", "reliable_unordered", "sequenced", "unreliable")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def check_key(key: object) -> Key:
+    """Return `key` if it is a valid grain key, else raise a `ConfigError` saying why."""
+    if isinstance(key, bool) or not isinstance(key, KEY_TYPES):
+        raise ConfigError(
+            f"a grain key must be str, int, uuid.UUID or bytes, not {type(key).__name__}"
+        )
+    return key
+
+
+@attrs.frozen(slots=True)
+class GrainId:
+    """Identity of one grain: its interface's wire name and its key."""
+
+    interface: str
+    key: Key = attrs.field(validator=lambda _i, _a, v: check_key(v))
+
+    def __str__(self) -> str:
+        return f"{self.interface}/{self.key!r}"
+
+
+class AffinityMode(str, Enum):
+    """How strongly a grain reference is bound to one server."""
+
+    NONE = "none"
+    PREFERRED = "preferred"
+    REQUIRED = "required"
+
+
+@attrs.frozen(slots=True)
+class Affinity:
+    """A server a grain should (or must) be called on."""
+
+    server: str
+    mode: AffinityMode = attrs.field(converter=AffinityMode)
+
+
+@attrs.frozen(slots=True)
+class InterfaceInfo:
+    """What a server declares for one interface in its manifest."""
+
+    name: str
+    version: int
+    methods: frozenset[str]
+
+
+@attrs.frozen(slots=True)
+class MethodSpec:
+    """The `rpc()` options of one interface method, resolved once at class creation."""
+
+    name: str
+    delivery: str = "reliable"
+    one_way: bool = False
+    idempotent: bool = False
+    timeout: float | None = None
+
+    @property
+    def waits_for_result(self) -> bool:
+        """False for one-way and non-reliable methods: the caller gets None at once."""
+        return not self.one_way and self.delivery in ("reliable", "reliable_unordered")
+
+
+@attrs.frozen(slots=True)
+class InterfaceSpec:
+    """A grain interface: wire name, version and method specs."""
+
+    name: str
+    version: int
+    methods: Mapping[str, MethodSpec]
+    cls: type[GrainInterface] = attrs.field(eq=False, repr=False)
+
+    def info(self) -> InterfaceInfo:
+        return InterfaceInfo(self.name, self.version, frozenset(self.methods))
+
+
+def rpc(
+    *,
+    delivery: str = "reliable",
+    one_way: bool = False,
+    idempotent: bool = False,
+    timeout: float | None = None,
+) -> Callable[[F], F]:
+    """Set the call options of an interface method.
+
+    `delivery` is one of "reliable", "reliable_unordered", "sequenced", "unreliable";
+    a non-reliable or `one_way` method returns None to the caller without waiting.
+    `idempotent=True` lets the client resend the call after a failure; `timeout`
+    (seconds) overrides the client's `request_timeout` for this method.
+    """
+    if delivery not in DELIVERY_MODES:
+        raise ConfigError(f"rpc(delivery={delivery!r}): choose one of {', '.join(DELIVERY_MODES)}")
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+        raise ConfigError(f"rpc(timeout={timeout!r}): give a positive number of seconds")
+    options = {
+        "delivery": delivery,
+        "one_way": bool(one_way),
+        "idempotent": bool(idempotent),
+        "timeout": None if timeout is None else float(timeout),
+    }
+
+    def mark(fn: F) -> F:
+        fn.__forkcore_rpc__ = options  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def reentrant(obj: F) -> F:
+    """Let calls to this grain method (or every method of this grain class) interleave.
+
+    By default calls to one activation run one at a time, in arrival order; a reentrant
+    method's calls start at once, alongside whatever else the activation is running.
+    """
+    obj.__forkcore_reentrant__ = True  # type: ignore[attr-defined]
+    return obj
+
+
+class GrainInterface:
+    """Base class of grain interfaces: `class IGame(GrainInterface, name="game", version=2)`."""
+
+    __forkcore_interface__: ClassVar[InterfaceSpec]
+
+    def __init_subclass__(cls, *, name: str | None = None, version: int = 1,
+                          _forkcore_proxy: bool = False, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if _forkcore_proxy:
+            return
+        if issubclass(cls, Grain):
+            if name is not None or version != 1:
+                raise ConfigError(
+                    f"{cls.__qualname__}: name= and version= belong on the GrainInterface, "
+                    "not on the Grain implementing it"
+                )
+            return
+        wire_name = cls.__qualname__ if name is None else name
+        if not isinstance(wire_name, str) or not wire_name:
+            raise ConfigError(f"{cls.__qualname__}: name= must be a non-empty string")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ConfigError(f"{cls.__qualname__}: version= must be an int >= 1, not {version!r}")
+        spec = InterfaceSpec(wire_name, version, _collect_methods(cls), cls)
+        cls.__forkcore_interface__ = spec
+        _known[wire_name] = spec
+
+
+_known: dict[str, InterfaceSpec] = {}
+
+
+def known_interface(name: str) -> InterfaceSpec | None:
+    """The most recently defined interface of this wire name in this process, if any."""
+    return _known.get(name)
+
+
+def _collect_methods(cls: type) -> dict[str, MethodSpec]:
+    methods: dict[str, MethodSpec] = {}
+    for klass in reversed(cls.__mro__):
+        if not issubclass(klass, GrainInterface) or klass is GrainInterface:
+            continue
+        for attr, value in vars(klass).items():
+            if attr.startswith("_"):
+                continue
+            if not inspect.iscoroutinefunction(value):
+                if callable(value):
+                    raise ConfigError(
+                        f"{cls.__qualname__}.{attr}: interface methods must be 'async def'"
+                    )
+                continue
+            options = getattr(value, "__forkcore_rpc__", {})
+            methods[attr] = MethodSpec(attr, **options)
+    return methods
+
+
+def interface_spec(interface: type[GrainInterface] | Any) -> InterfaceSpec:
+    """The spec of a GrainInterface subclass, or a `ConfigError` if it is not one."""
+    spec = getattr(interface, "__forkcore_interface__", None)
+    if not isinstance(spec, InterfaceSpec) or spec.cls is not interface:
+        raise ConfigError(f"{interface!r} is not a GrainInterface subclass")
+    return spec
+
+
+class Grain:
+    """Base class of grain implementations: `class Game(forkcore.Grain, IGame)`.
+
+    The runtime sets `grain_id` and `key` before `__init__` runs, awaits `on_activate`
+    before the activation's first call and `on_deactivate` when it is collected.
+    """
+
+    grain_id: GrainId
+    key: Key
+    __forkcore_interfaces__: ClassVar[tuple[InterfaceSpec, ...]] = ()
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls.__forkcore_interfaces__ = _hosted_interfaces(cls)
+
+    async def on_activate(self) -> None:
+        """Called once before the activation's first call."""
+
+    async def on_deactivate(self) -> None:
+        """Called once when the activation is collected or the server stops."""
+
+
+def _hosted_interfaces(cls: type) -> tuple[InterfaceSpec, ...]:
+    """The most derived interfaces among `cls`'s bases: an interface inherited by another
+    interface of the same grain is served through that one."""
+    interfaces = [
+        k for k in cls.__mro__
+        if issubclass(k, GrainInterface) and not issubclass(k, Grain) and k is not GrainInterface
+    ]
+    leaves = [k for k in interfaces if not any(o is not k and issubclass(o, k) for o in interfaces)]
+    return tuple(k.__forkcore_interface__ for k in leaves)
+
+
+def is_reentrant(grain_cls: type, method: str) -> bool:
+    if getattr(grain_cls, "__forkcore_reentrant__", False):
+        return True
+    return bool(getattr(getattr(grain_cls, method, None), "__forkcore_reentrant__", False))

@@ -1,0 +1,37 @@
+"""The hooks plugins implement. Each is called with one keyword argument, `register`:
+a callable `register(name, factory)`; a factory is called with the keyword options from
+the configuration (`transport_options`, `strategy_options`, ...) and returns the plugin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("forkcore")
+hookimpl = pluggy.HookimplMarker("forkcore")
+
+Register = Callable[[str, Callable[..., Any]], None]
+
+
+@hookspec
+def forkcore_register_transports(register: Register) -> None:
+    """Register transports: objects with `connect(endpoint, timeout=)` and `listen(endpoint)`."""
+
+
+@hookspec
+def forkcore_register_strategies(register: Register) -> None:
+    """Register strategies: objects with `select(grain_id, servers) -> server id`."""
+
+
+@hookspec
+def forkcore_register_conflict_resolvers(register: Register) -> None:
+    """Register conflict resolvers: objects with `resolve(interface, offers) -> server ids`."""
+
+
+@hookspec
+def forkcore_register_affinity_policies(register: Register) -> None:
+    """Register affinity policies: objects with `affinity(grain_id, servers)` and
+    optionally `routed(grain_id, server_id)`."""

@@ -1,0 +1,135 @@
+"""The plugin manager, registries by kind, and plugin lookup with helpful errors.
+
+Built-ins register through the same manager as installed plugins, so `forkcore plugins`
+and `registry()` show them the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import ConfigError, PluginNotFound
+
+KINDS: dict[str, str] = {
+    "transport": "forkcore_register_transports",
+    "strategy": "forkcore_register_strategies",
+    "conflict_resolver": "forkcore_register_conflict_resolvers",
+    "affinity_policy": "forkcore_register_affinity_policies",
+}
+
+# Names we know of that live in distributions which may not be installed.
+KNOWN_DISTRIBUTIONS: dict[tuple[str, str], str] = {
+    ("transport", "tcp"): "forkcore-transport-tcp",
+    ("transport", "udp"): "forkcore-transport-udp",
+    **{("strategy", n): "forkcore-strategies" for n in (
+        "round_robin", "consistent_hash", "grain_type_affinity", "lowest_latency",
+        "least_loaded")},
+    ("affinity_policy", "sticky"): "forkcore-strategies",
+    ("affinity_policy", "zone"): "forkcore-strategies",
+}
+
+_lock = threading.Lock()
+_manager: pluggy.PluginManager | None = None
+
+
+@attrs.frozen
+class Registration:
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    source: str  # the distribution (or plugin name) that registered it
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager: built-ins, then entry points of group `forkcore`
+    unless FORKCORE_DISABLE_PLUGIN_AUTOLOAD is set."""
+    global _manager
+    with _lock:
+        if _manager is None:
+            pm = pluggy.PluginManager("forkcore")
+            pm.add_hookspecs(hookspecs)
+            from . import builtins
+
+            pm.register(builtins, name="forkcore")
+            if os.environ.get("FORKCORE_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0"):
+                pm.load_setuptools_entrypoints("forkcore")
+            _manager = pm
+        return _manager
+
+
+def _source_names(pm: pluggy.PluginManager) -> dict[int, str]:
+    sources = {id(plugin): dist.project_name for plugin, dist in pm.list_plugin_distinfo()}
+    for name, plugin in pm.list_name_plugin():
+        sources.setdefault(id(plugin), name or repr(plugin))
+    return sources
+
+
+def registrations(kind: str) -> list[Registration]:
+    """Everything registered for `kind` now, in registration order."""
+    if kind not in KINDS:
+        raise ConfigError(f"unknown plugin kind {kind!r}: use one of {', '.join(KINDS)}")
+    pm = get_plugin_manager()
+    sources = _source_names(pm)
+    hook = getattr(pm.hook, KINDS[kind])
+    found: dict[str, Registration] = {}
+    for impl in reversed(hook.get_hookimpls()):  # pluggy calls the newest first
+        source = sources.get(id(impl.plugin), impl.plugin_name)
+
+        def register(name: str, factory: Callable[..., Any], _source: str = source) -> None:
+            if not isinstance(name, str) or not name or not callable(factory):
+                raise ConfigError(
+                    f"plugin {_source} registered an invalid {kind}: {name!r} -> {factory!r}"
+                )
+            if name in found:
+                raise ConfigError(
+                    f"{kind} {name!r} is registered twice: by {found[name].source} and by "
+                    f"{_source}; uninstall one of them"
+                )
+            found[name] = Registration(kind, name, factory, _source)
+
+        impl.function(register=register)
+    return list(found.values())
+
+
+def registry(kind: str) -> Mapping[str, Callable[..., Any]]:
+    """What is registered for `kind` now: name → factory."""
+    return MappingProxyType({r.name: r.factory for r in registrations(kind)})
+
+
+def lookup(kind: str, name: str) -> Callable[..., Any]:
+    """The factory for `name`, or `PluginNotFound` listing what is installed and what to
+    install."""
+    regs = {r.name: r for r in registrations(kind)}
+    if name in regs:
+        return regs[name].factory
+    installed = ", ".join(sorted(regs)) or "none"
+    label = kind.replace("_", " ")
+    hint = KNOWN_DISTRIBUTIONS.get((kind, str(name)))
+    if hint:
+        advice = f"install it with 'pip install {hint}'"
+    else:
+        advice = "check the spelling, or install the plugin that provides it"
+    raise PluginNotFound(
+        f"{label} {name!r} is not installed ({label}s installed: {installed}); {advice}"
+    )
+
+
+def create(kind: str, name: str, options: Mapping[str, Any] | None, where: str) -> Any:
+    """Build the plugin `name` of `kind` with `options`; a bad option is a `ConfigError`
+    naming `where` (the option's place in the configuration)."""
+    factory = lookup(kind, name)
+    try:
+        return factory(**dict(options or {}))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {kind.replace('_', ' ')} {name!r} rejected its options: "
+                          f"{exc}") from None

@@ -1,0 +1,356 @@
+"""`forkcore.Server`: hosts grains, accepts connections, dispatches calls to the catalog."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import math
+import types
+from collections.abc import Iterable, Mapping
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from ..config import ServerOptions, load_config, options_from_kwargs
+from ..errors import ConfigError, ConnectError, ForkcoreError, ProtocolError
+from ..grains import Grain, InterfaceSpec
+from ..plugins import create
+from ..protocol import codec
+from ..protocol.connection import ProtocolConnection
+from ..protocol.messages import (
+    FAIL_NOT_FOUND,
+    FAIL_UNAVAILABLE,
+    PROTOCOL_VERSION,
+    Cancel,
+    Failure,
+    Goodbye,
+    Hello,
+    OneWay,
+    Ping,
+    Pong,
+    Request,
+    Response,
+    Welcome,
+)
+from ..transport import Channel
+from .catalog import Call, Catalog
+
+log = logging.getLogger("forkcore.server")
+
+
+def find_grain_classes(grains: Iterable[Any]) -> list[type[Grain]]:
+    """Grain classes from a mix of classes and module names (or modules)."""
+    found: list[type[Grain]] = []
+    for item in grains:
+        if isinstance(item, type):
+            if not issubclass(item, Grain) or not item.__forkcore_interfaces__:
+                raise ConfigError(f"grains: {item.__qualname__} is not a Grain implementing a "
+                                  "GrainInterface")
+            found.append(item)
+            continue
+        module = item if isinstance(item, types.ModuleType) else _import(item)
+        classes = [obj for obj in vars(module).values()
+                   if isinstance(obj, type) and issubclass(obj, Grain)
+                   and obj.__module__ == module.__name__ and obj.__forkcore_interfaces__
+                   and not inspect.isabstract(obj)]
+        if not classes:
+            raise ConfigError(f"grains: module {module.__name__!r} defines no Grain class "
+                              "implementing a GrainInterface")
+        found.extend(classes)
+    return list(dict.fromkeys(found))
+
+
+def _import(name: Any) -> types.ModuleType:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"grains: {name!r} is neither a module name nor a Grain class")
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise ConfigError(f"grains: cannot import module {name!r}: {exc}; is it installed or on "
+                          "PYTHONPATH (run from the directory that contains it)?") from None
+
+
+def host_table(classes: Iterable[type[Grain]]) -> dict[str, tuple[InterfaceSpec, type[Grain]]]:
+    """interface wire name → (spec, implementing class), checked for gaps and clashes."""
+    hosted: dict[str, tuple[InterfaceSpec, type[Grain]]] = {}
+    for cls in classes:
+        for spec in cls.__forkcore_interfaces__:
+            if spec.name in hosted and hosted[spec.name][1] is not cls:
+                other = hosted[spec.name][1]
+                raise ConfigError(f"interface {spec.name!r} is implemented by both "
+                                  f"{other.__qualname__} and {cls.__qualname__}; host one")
+            for method in spec.methods:
+                impl = getattr(cls, method, None)
+                if impl is None or impl is getattr(spec.cls, method):
+                    raise ConfigError(f"{cls.__qualname__} does not implement {spec.name}."
+                                      f"{method}")
+            hosted[spec.name] = (spec, cls)
+    return hosted
+
+
+class ServerConnection:
+    """One accepted client connection: handshake, then requests until it closes."""
+
+    __slots__ = ("calls", "channel", "client_id", "proto", "scope", "server")
+
+    def __init__(self, server: Server, channel: Channel) -> None:
+        self.server = server
+        self.channel = channel
+        self.proto = ProtocolConnection("server", max_depth=server.options.max_depth)
+        self.calls: dict[int, Call] = {}
+        self.client_id = "?"
+        self.scope = anyio.CancelScope()
+
+    def send(self, msg: Any) -> None:
+        try:
+            self.channel.send(self.proto.encode(msg))
+        except ConnectError:
+            pass
+
+    def reply_for(self, request_id: int) -> Any:
+        def reply(ok: bool, value: Any) -> None:
+            self.calls.pop(request_id, None)
+            if ok:
+                try:
+                    body = self.proto.encode(Response(request_id, value))
+                except codec.WireTypeError as exc:
+                    self.send(Failure(request_id, "remote", "WireTypeError", str(exc)))
+                    return
+                try:
+                    self.channel.send(body)
+                except ConnectError:
+                    pass
+            else:
+                self.send(Failure(request_id, *value))
+
+        return reply
+
+    async def run(self) -> None:
+        server = self.server
+        peer = self.channel.peer
+        with self.scope:
+            try:
+                with anyio.fail_after(server.options.handshake_timeout):
+                    hello = self.proto.decode(await self.channel.receive())
+                assert isinstance(hello, Hello)
+                self.client_id = hello.client_id
+                self.send(server.welcome)
+                if server.draining:
+                    self.send(Goodbye("draining"))
+                while True:
+                    msg = self.proto.decode(await self.channel.receive())
+                    self.handle(msg)
+            except TimeoutError:
+                log.info("closing connection from %s: no handshake within %gs", peer,
+                         server.options.handshake_timeout)
+            except ProtocolError as exc:
+                log.warning("closing connection from %s: %s", peer, exc)
+                with anyio.move_on_after(0.5):
+                    self.send(Goodbye(f"protocol error: {exc}"))
+                    await self.channel.drain()
+            except ConnectError:
+                pass
+
+    def handle(self, msg: Any) -> None:
+        t = type(msg)
+        if t is Request:
+            self.request(msg)
+        elif t is OneWay:
+            self.one_way(msg)
+        elif t is Ping:
+            self.send(Pong(msg.nonce, msg.sent_at))
+        elif t is Cancel:
+            call = self.calls.pop(msg.id, None)
+            if call is not None:
+                call.cancel()
+        elif t is Goodbye:
+            self.scope.cancel()
+        elif t is Pong:
+            pass
+        else:
+            raise ProtocolError(f"unexpected {t.__name__} from a client")
+
+    def request(self, req: Request) -> None:
+        server = self.server
+        complaint = server.check_target(req.interface, req.method)
+        if complaint is not None:
+            self.send(Failure(req.id, FAIL_NOT_FOUND, "MethodNotFound", complaint))
+            return
+        if server.draining:
+            self.send(Failure(req.id, FAIL_UNAVAILABLE, "ServerDraining",
+                              f"server {server.id} is shutting down; call another server"))
+            return
+        if len(self.calls) >= server.options.max_in_flight:
+            self.send(Failure(req.id, FAIL_UNAVAILABLE, "TooManyCalls",
+                              f"more than {server.options.max_in_flight} calls in flight on "
+                              "one connection; wait for some to finish"))
+            return
+        if req.id in self.calls:
+            raise ProtocolError(f"request id {req.id} is already in flight")
+        deadline = math.inf if req.timeout is None else anyio.current_time() + req.timeout
+        call = Call(req.method, req.args, req.kwargs, deadline, self.reply_for(req.id))
+        self.calls[req.id] = call
+        server.catalog.submit(req.interface, req.key, call)
+
+    def one_way(self, msg: OneWay) -> None:
+        server = self.server
+        complaint = server.check_target(msg.interface, msg.method)
+        if complaint is not None:
+            log.warning("one-way call from %s dropped: %s", self.channel.peer, complaint)
+            return
+        if server.draining:
+            return
+        server.catalog.submit(msg.interface, msg.key,
+                              Call(msg.method, msg.args, msg.kwargs, math.inf, None))
+
+
+class Server:
+    """Hosts grain classes and serves calls to them.
+
+    `async with Server(id="s1", grains=[Counter]) as server:` listens on entry
+    (`server.endpoint` is the bound address); leaving the block stops accepting, lets
+    calls in flight finish (bounded by `drain_timeout`) and deactivates every grain.
+    """
+
+    def __init__(self, *, id: str, listen: str = "127.0.0.1:0", transport: str = "tcp",
+                 grains: Iterable[Any] = (), zone: str | None = None,
+                 metadata: Mapping[str, Any] | None = None,
+                 transport_options: Mapping[str, Any] | None = None, **more: Any) -> None:
+        options = options_from_kwargs(ServerOptions, dict(
+            id=id, listen=listen, transport=transport, grains=list(grains), zone=zone,
+            metadata=dict(metadata or {}), transport_options=dict(transport_options or {}),
+            **more), "Server()")
+        self._init(options)
+
+    @classmethod
+    def from_config(cls, path_or_mapping: str | Path | Mapping[str, Any]) -> Server:
+        """A server from the `[server]` table of a TOML file or mapping."""
+        config = load_config(path_or_mapping)
+        if config.server is None:
+            raise ConfigError(f"{config.path or '<config>'}: no [server] table")
+        server = cls.__new__(cls)
+        server._init(config.server)
+        return server
+
+    def _init(self, options: ServerOptions) -> None:
+        if options.security.psk or options.security.psk_file:
+            raise ConfigError("[server.security]: pre-shared keys are not supported by this "
+                              "version of forkcore; remove the table")
+        self.options = options
+        self.id = options.id
+        self.transport = create("transport", options.transport, options.transport_options,
+                                "[server] transport_options")
+        self.hosted = host_table(find_grain_classes(options.grains))
+        self.welcome = Welcome(PROTOCOL_VERSION, options.id, options.zone,
+                               dict(options.metadata),
+                               tuple(spec.info() for spec, _ in self.hosted.values()))
+        try:
+            codec.encode(self.welcome.metadata)
+        except codec.WireTypeError as exc:
+            raise ConfigError(f"[server] metadata: {exc}") from None
+        self.endpoint: str | None = None
+        self.draining = False
+        self._connections: set[ServerConnection] = set()
+        self._stack: AsyncExitStack | None = None
+
+    def check_target(self, interface: str, method: str) -> str | None:
+        """Why (interface, method) cannot be called here, or None."""
+        entry = self.hosted.get(interface)
+        if entry is None:
+            hosted = ", ".join(sorted(self.hosted)) or "none"
+            return (f"server {self.id} hosts no interface {interface!r} (it hosts: {hosted}); "
+                    "check the interface name and the server's grains")
+        if method not in entry[0].methods:
+            return (f"interface {interface!r} has no method {method!r} (methods: "
+                    f"{', '.join(sorted(entry[0].methods))})")
+        return None
+
+    @property
+    def interfaces(self) -> list[str]:
+        return sorted(self.hosted)
+
+    @property
+    def activation_count(self) -> int:
+        return len(self.catalog.activations)
+
+    async def __aenter__(self) -> Server:
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            self._listener = await stack.enter_async_context(
+                self.transport.listen(self.options.listen))
+            self.endpoint = self._listener.endpoint
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            self.catalog = Catalog(self.hosted, self._tg)
+            self._stop = anyio.Event()
+            self._tg.start_soon(self._listener.serve, self._handle)
+            self._tg.start_soon(self._collect_loop)
+        except BaseException:
+            await stack.__aexit__(None, None, None)
+            raise
+        self._stack = stack
+        log.info("server %s listening on %s (%s); interfaces: %s", self.id, self.endpoint,
+                 self.options.transport,
+                 ", ".join(f"{s.name} v{s.version}" for s, _ in self.hosted.values()) or "none")
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._shutdown()
+        finally:
+            self._tg.cancel_scope.cancel()
+            await stack.__aexit__(*exc_info)
+
+    async def _shutdown(self) -> None:
+        """Stop accepting, let calls finish, say goodbye, deactivate grains."""
+        self.draining = True
+        self._stop.set()
+        self._listener.stop_accepting()
+        for conn in list(self._connections):
+            conn.send(Goodbye("draining"))
+        timeout = self.options.drain_timeout
+        with anyio.move_on_after(timeout) as scope:
+            await self.catalog.wait_idle()
+        if scope.cancelled_caught:
+            log.warning("server %s: %d calls still running after %gs; stopping them", self.id,
+                        self.catalog.running_calls, timeout)
+        for conn in list(self._connections):
+            conn.scope.cancel()
+        await self.catalog.deactivate_all(timeout)
+        log.info("server %s stopped", self.id)
+
+    async def serve_forever(self) -> None:
+        """Serve until cancelled (or until the server is stopped)."""
+        if self._stack is None:
+            raise ForkcoreError("use 'async with server:' before serve_forever()")
+        await self._stop.wait()
+
+    def stop(self) -> None:
+        """Make `serve_forever` return; leaving the `async with` block then shuts down."""
+        self._stop.set()
+
+    async def _handle(self, channel: Channel) -> None:
+        if self.draining:
+            return
+        conn = ServerConnection(self, channel)
+        self._connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
+
+    async def _collect_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.options.collection_interval)
+            count = await self.catalog.collect_idle(self.options.idle_timeout)
+            if count:
+                log.debug("server %s deactivated %d idle activations", self.id, count)
+

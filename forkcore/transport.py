@@ -1,0 +1,314 @@
+"""What a transport is, the frame channel shared by stream transports, and `memory`.
+
+A transport moves frame bodies (bytes) between a client and a server; the runtimes do
+everything else. `StreamChannel` gives any byte stream length-prefixed framing, a frame
+size limit and write coalescing (every frame sent during one event-loop turn goes out
+in one write), so the TCP plugin and the in-process `memory` transport share it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .errors import ConfigError, ConnectError, ProtocolError
+from .protocol.framing import DEFAULT_MAX_FRAME_SIZE, HEADER, FrameDecoder
+
+log = logging.getLogger("forkcore.transport")
+
+Handler = Callable[["Channel"], Awaitable[None]]
+
+
+class Channel(Protocol):
+    """One connection, carrying whole frame bodies in both directions."""
+
+    peer: str
+
+    def send(self, body: bytes, delivery: str = "reliable") -> None:
+        """Queue one frame; it leaves with the other frames of this loop turn.
+
+        Never blocks; raises `ConnectError` once the channel is closed. Callers that may
+        produce faster than the peer reads await `drain()`.
+        """
+
+    async def drain(self) -> None:
+        """Wait until the send buffer is below its high-water mark."""
+
+    async def receive(self) -> bytes:
+        """The next frame body; `ConnectError` when the peer is gone, `ProtocolError`
+        when it broke the framing."""
+
+    async def aclose(self) -> None:
+        """Close now; the reader sees `ConnectError`."""
+
+
+class Listener(Protocol):
+    endpoint: str
+
+    async def serve(self, handler: Handler) -> None:
+        """Accept connections until cancelled, running `handler(channel)` for each.
+
+        An exception in one handler is logged and ends only that connection."""
+
+    def stop_accepting(self) -> None:
+        """Refuse new connections; `serve` returns once the accepted ones have ended."""
+
+
+class Transport(Protocol):
+    name: str
+
+    def connect(
+        self, endpoint: str, *, timeout: float
+    ) -> anyio.abc.AsyncResource | Any:  # an async context manager yielding a Channel
+        ...
+
+    def listen(self, endpoint: str) -> Any:  # an async context manager yielding a Listener
+        ...
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """`"host:port"` → (host, port), or a `ConfigError` saying what a good one looks like."""
+    if not isinstance(endpoint, str):
+        raise ConfigError(f"endpoint {endpoint!r} must be a string 'host:port'")
+    host, sep, port_text = endpoint.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"endpoint {endpoint!r} is not 'host:port' (e.g. '127.0.0.1:11111')")
+    return host, int(port_text)
+
+
+def join_endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class StreamChannel:
+    """Frames over a byte stream, with coalesced writes and a frame size limit."""
+
+    HIGH_WATER = 4 * 1024 * 1024
+
+    def __init__(self, stream: Any, peer: str, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
+        self.peer = peer
+        self._stream = stream
+        self._decoder = FrameDecoder(max_frame_size)
+        self._frames: deque[bytes] = deque()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._wake = anyio.Event()
+        self._drained = anyio.Event()
+        self._drained.set()
+        self._closed = False
+        self._error: BaseException | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, stream: Any, peer: str, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    ) -> AsyncIterator[StreamChannel]:
+        """Run the channel's writer for the duration of the block; flush, then close."""
+        channel = cls(stream, peer, max_frame_size)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(channel._write_loop)
+            try:
+                yield channel
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await channel._flush_and_close()
+                tg.cancel_scope.cancel()
+
+    def send(self, body: bytes, delivery: str = "reliable") -> None:
+        if self._closed:
+            raise ConnectError(f"connection to {self.peer} is closed")
+        self._pending.append(HEADER.pack(len(body)))
+        self._pending.append(body)
+        self._pending_bytes += len(body) + 4
+        if self._pending_bytes > self.HIGH_WATER and self._drained.is_set():
+            self._drained = anyio.Event()
+        self._wake.set()
+
+    async def drain(self) -> None:
+        if self._pending_bytes > self.HIGH_WATER:
+            await self._drained.wait()
+        if self._closed:
+            raise ConnectError(f"connection to {self.peer} is closed")
+
+    async def receive(self) -> bytes:
+        frames = self._frames
+        while not frames:
+            if self._closed:
+                raise ConnectError(f"connection to {self.peer} is closed")
+            try:
+                data = await self._stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                    OSError) as exc:
+                self._closed = True
+                self._wake.set()
+                raise ConnectError(f"connection to {self.peer} closed") from exc
+            try:
+                frames.extend(self._decoder.feed(data))
+            except ProtocolError:
+                self._closed = True
+                self._wake.set()
+                raise
+        return frames.popleft()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._wake.set()
+        with anyio.CancelScope(shield=True):
+            await self._stream.aclose()
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                if not self._pending:
+                    if self._closed:
+                        return
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                    continue
+                data = b"".join(self._pending)
+                self._pending.clear()
+                self._pending_bytes = 0
+                await self._stream.send(data)
+                self._drained.set()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._error = exc
+            self._closed = True
+            self._drained.set()
+            await self._stream.aclose()
+
+    async def _flush_and_close(self) -> None:
+        if not self._closed and self._pending:
+            with anyio.move_on_after(1.0):
+                data = b"".join(self._pending)
+                self._pending.clear()
+                try:
+                    await self._stream.send(data)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    pass
+        self._closed = True
+        self._drained.set()
+        self._wake.set()
+        await self._stream.aclose()
+
+
+async def serve_guarded(
+    handler: Handler, stream: Any, peer: str, max_frame_size: int, logger: logging.Logger
+) -> None:
+    """Run `handler` on one accepted stream so no error in it reaches the listener."""
+    try:
+        async with StreamChannel.open(stream, peer, max_frame_size) as channel:
+            await handler(channel)
+    except Exception:
+        logger.exception("connection handler for %s failed", peer)
+
+
+# -- the in-process `memory` transport ----------------------------------------------------
+
+
+class _MemoryByteStream:
+    """One end of an in-process byte pipe, bounded so a slow reader pushes back."""
+
+    def __init__(self, send: MemoryObjectSendStream[bytes],
+                 receive: MemoryObjectReceiveStream[bytes]) -> None:
+        self._send = send
+        self._receive = receive
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._send.send(data)
+        except anyio.BrokenResourceError:
+            raise anyio.BrokenResourceError from None
+
+    async def receive(self) -> bytes:
+        return await self._receive.receive()
+
+    async def aclose(self) -> None:
+        self._send.close()
+        self._receive.close()
+
+
+def _memory_pipe() -> tuple[_MemoryByteStream, _MemoryByteStream]:
+    a_send, b_receive = anyio.create_memory_object_stream[bytes](64)
+    b_send, a_receive = anyio.create_memory_object_stream[bytes](64)
+    return _MemoryByteStream(a_send, a_receive), _MemoryByteStream(b_send, b_receive)
+
+
+_memory_listeners: dict[str, MemoryListener] = {}
+_memory_ports = itertools.count(1)
+
+
+class MemoryListener:
+    def __init__(self, endpoint: str, max_frame_size: int) -> None:
+        self.endpoint = endpoint
+        self.max_frame_size = max_frame_size
+        self._incoming, self._accept = anyio.create_memory_object_stream[
+            tuple[_MemoryByteStream, str]
+        ](256)
+
+    def offer(self, stream: _MemoryByteStream, peer: str) -> None:
+        try:
+            self._incoming.send_nowait((stream, peer))
+        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            stream._send.close()
+            raise ConnectError(f"memory endpoint {self.endpoint} refused the connection") from None
+
+    async def serve(self, handler: Handler) -> None:
+        async with anyio.create_task_group() as tg:
+            async for stream, peer in self._accept:
+                tg.start_soon(serve_guarded, handler, stream, peer, self.max_frame_size, log)
+
+    def stop_accepting(self) -> None:
+        self._incoming.close()
+
+    def close(self) -> None:
+        self._incoming.close()
+        self._accept.close()
+
+
+class MemoryTransport:
+    """In-process transport for tests and embedding: endpoints live in this process."""
+
+    name = "memory"
+
+    def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        if isinstance(max_frame_size, bool) or not isinstance(max_frame_size, int) \
+                or max_frame_size < 64:
+            raise ConfigError("transport_options.max_frame_size must be an int >= 64")
+        self.max_frame_size = max_frame_size
+
+    @asynccontextmanager
+    async def connect(self, endpoint: str, *, timeout: float) -> AsyncIterator[StreamChannel]:
+        split_endpoint(endpoint)
+        listener = _memory_listeners.get(endpoint)
+        if listener is None:
+            raise ConnectError(f"nothing listens on memory endpoint {endpoint}")
+        client_end, server_end = _memory_pipe()
+        local = f"memory-client:{next(_memory_ports)}"
+        listener.offer(server_end, local)
+        async with StreamChannel.open(client_end, endpoint, self.max_frame_size) as channel:
+            yield channel
+
+    @asynccontextmanager
+    async def listen(self, endpoint: str) -> AsyncIterator[MemoryListener]:
+        host, port = split_endpoint(endpoint)
+        if port == 0:
+            port = 40000 + next(_memory_ports)
+        bound = join_endpoint(host, port)
+        if bound in _memory_listeners:
+            raise ConnectError(f"memory endpoint {bound} is already in use")
+        listener = MemoryListener(bound, self.max_frame_size)
+        _memory_listeners[bound] = listener
+        try:
+            yield listener
+        finally:
+            del _memory_listeners[bound]
+            listener.close()

@@ -1,0 +1,5 @@
+"""forkcore's TCP transport: length-prefixed frames over anyio TCP streams."""
+
+from .transport import TcpTransport
+
+__all__ = ["TcpTransport"]
