@@ -93,6 +93,7 @@ class StreamChannel:
     """Frames over a byte stream, with coalesced writes and a frame size limit."""
 
     HIGH_WATER = 4 * 1024 * 1024
+    FLUSH_TIMEOUT = 1.0  # seconds a closing channel may spend sending what is queued
 
     def __init__(self, stream: Any, peer: str, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
         self.peer = peer
@@ -105,6 +106,8 @@ class StreamChannel:
         self._drained = anyio.Event()
         self._drained.set()
         self._closed = False
+        self._closing = False
+        self._writer_done = anyio.Event()
         self._error: BaseException | None = None
 
     @classmethod
@@ -169,7 +172,7 @@ class StreamChannel:
         try:
             while True:
                 if not self._pending:
-                    if self._closed:
+                    if self._closed or self._closing:
                         return
                     self._wake = anyio.Event()
                     await self._wake.wait()
@@ -184,19 +187,17 @@ class StreamChannel:
             self._closed = True
             self._drained.set()
             await self._stream.aclose()
+        finally:
+            self._writer_done.set()
 
     async def _flush_and_close(self) -> None:
-        if not self._closed and self._pending:
-            with anyio.move_on_after(1.0):
-                data = b"".join(self._pending)
-                self._pending.clear()
-                try:
-                    await self._stream.send(data)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    pass
+        """Let the writer send what is queued (bounded), then close the stream."""
+        self._closing = True
+        self._wake.set()
+        with anyio.move_on_after(self.FLUSH_TIMEOUT):
+            await self._writer_done.wait()
         self._closed = True
         self._drained.set()
-        self._wake.set()
         await self._stream.aclose()
 
 
@@ -267,6 +268,8 @@ class MemoryListener:
                 tg.start_soon(serve_guarded, handler, stream, peer, self.max_frame_size, log)
 
     def stop_accepting(self) -> None:
+        if _memory_listeners.get(self.endpoint) is self:
+            del _memory_listeners[self.endpoint]
         self._incoming.close()
 
     def close(self) -> None:
@@ -310,5 +313,5 @@ class MemoryTransport:
         try:
             yield listener
         finally:
-            del _memory_listeners[bound]
+            listener.stop_accepting()
             listener.close()

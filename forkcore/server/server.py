@@ -36,7 +36,7 @@ from ..protocol.messages import (
     Response,
     Welcome,
 )
-from ..transport import Channel
+from ..transport import Channel, StreamChannel
 from .catalog import Call, Catalog
 
 log = logging.getLogger("forkcore.server")
@@ -287,7 +287,8 @@ class Server:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             self.catalog = Catalog(self.hosted, self._tg)
             self._stop = anyio.Event()
-            self._tg.start_soon(self._listener.serve, self._handle)
+            self._served = anyio.Event()
+            self._tg.start_soon(self._serve_connections)
             self._tg.start_soon(self._collect_loop)
         except BaseException:
             await stack.__aexit__(None, None, None)
@@ -324,6 +325,8 @@ class Server:
                         self.catalog.running_calls, timeout)
         for conn in list(self._connections):
             conn.scope.cancel()
+        with anyio.move_on_after(2 * StreamChannel.FLUSH_TIMEOUT):
+            await self._served.wait()  # connections have flushed their last replies
         await self.catalog.deactivate_all(timeout)
         log.info("server %s stopped", self.id)
 
@@ -336,6 +339,12 @@ class Server:
     def stop(self) -> None:
         """Make `serve_forever` return; leaving the `async with` block then shuts down."""
         self._stop.set()
+
+    async def _serve_connections(self) -> None:
+        try:
+            await self._listener.serve(self._handle)
+        finally:
+            self._served.set()
 
     async def _handle(self, channel: Channel) -> None:
         if self.draining:

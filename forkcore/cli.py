@@ -1,0 +1,220 @@
+"""The `forkcore` command: serve, call, status, plugins, demo.
+
+Errors are one line on stderr and a non-zero exit status; `--debug` adds tracebacks and
+debug logs. `call` prints its JSON result, and nothing else, on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import json
+import logging
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+
+from .errors import ConfigError, ForkcoreError
+
+log = logging.getLogger("forkcore.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forkcore", description="Virtual-actor RPC: one client, many servers.")
+    parser.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the [server] of a configuration file")
+    serve.add_argument("-c", "--config", required=True, metavar="FILE")
+
+    call = sub.add_parser("call", help="one dynamic call through the [client] of FILE")
+    call.add_argument("-c", "--config", required=True, metavar="FILE")
+    call.add_argument("interface", help="the interface's wire name")
+    call.add_argument("key", help="grain key: a JSON int or string, else taken as a string")
+    call.add_argument("method")
+    call.add_argument("args", nargs="*", metavar="ARG", help="arguments, each JSON")
+
+    status = sub.add_parser("status", help="the client's view of its servers")
+    status.add_argument("-c", "--config", required=True, metavar="FILE")
+
+    sub.add_parser("plugins", help="every registered plugin and its distribution")
+    demo = sub.add_parser("demo", help="servers and a client in one process, no file needed")
+    demo.add_argument("--calls", type=int, default=20, help="calls per phase (default 20)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.DEBUG if args.debug else (
+        logging.INFO if args.command == "serve" else logging.WARNING)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(_COMMANDS[args.command](args) or 0)
+    except ForkcoreError as exc:
+        if args.debug:
+            raise
+        print(f"forkcore: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"forkcore: unexpected error: {type(exc).__name__}: {exc} (run with --debug "
+              "for a traceback)", file=sys.stderr)
+        return 2
+
+
+# -- serve ------------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server.server import Server
+
+    config_dir = str(Path(args.config).resolve().parent)
+    for path in (os.getcwd(), config_dir):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    server = Server.from_config(args.config)
+    anyio.run(_serve, server)
+    return 0
+
+
+async def _serve(server: Any) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with server:
+            print(f"forkcore: serving {server.id} on {server.endpoint} "
+                  f"({server.options.transport}); interfaces: "
+                  f"{', '.join(server.interfaces) or 'none'}", flush=True)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(server.serve_forever)
+                async for signum in signals:
+                    log.info("received %s: draining and stopping",
+                             signal.Signals(signum).name)
+                    break
+                tg.cancel_scope.cancel()
+
+
+# -- call -------------------------------------------------------------------------------
+
+
+def parse_key(text: str) -> Any:
+    """A JSON int or string becomes that; anything else is the raw string."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, int | str) and not isinstance(value, bool) else text
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    if isinstance(value, tuple):
+        return list(value)
+    if attrs.has(type(value)):
+        return attrs.asdict(value)
+    raise TypeError(f"cannot show a {type(value).__name__} as JSON")
+
+
+def _cmd_call(args: argparse.Namespace) -> int:
+    from .client.client import Client
+
+    values = []
+    for i, text in enumerate(args.args, 1):
+        try:
+            values.append(json.loads(text))
+        except ValueError:
+            raise ConfigError(f"argument {i} ({text!r}) is not JSON; quote strings as "
+                              "'\"text\"'") from None
+    client = Client.from_config(args.config)
+
+    async def run() -> Any:
+        async with client:
+            return await client.call(args.interface, parse_key(args.key), args.method, *values)
+
+    result = anyio.run(run)
+    print(json.dumps(result, default=_json_default))
+    return 0
+
+
+# -- status -----------------------------------------------------------------------------
+
+
+def render_servers(views: Sequence[Any]) -> str:
+    """A plain table of server views (shared by status and demo)."""
+    rows = [("SERVER", "ENDPOINT", "STATE", "RTT", "IN FLIGHT", "INTERFACES")]
+    for v in views:
+        rtt = "-" if v.rtt is None else f"{v.rtt * 1000:.1f} ms"
+        interfaces = ", ".join(f"{i.name} v{i.version}" for i in v.versions.values()) or "-"
+        rows.append((v.id, v.endpoint, v.state, rtt, str(v.in_flight), interfaces))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .client.client import Client
+
+    client = Client.from_config(args.config)
+
+    async def run() -> str:
+        async with client:
+            await anyio.sleep(min(0.2, client.options.health.heartbeat_interval))
+            return render_servers(client.servers)
+
+    print(anyio.run(run))
+    return 0
+
+
+# -- plugins ----------------------------------------------------------------------------
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import KINDS, registrations
+
+    rows = [("KIND", "NAME", "DISTRIBUTION")]
+    for kind in KINDS:
+        rows.extend((kind, r.name, r.source) for r in registrations(kind))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+# -- demo -------------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    if args.calls < 1:
+        raise ConfigError("--calls must be at least 1")
+    anyio.run(run_demo, args.calls)
+    return 0
+
+
+_COMMANDS = {
+    "serve": _cmd_serve,
+    "call": _cmd_call,
+    "status": _cmd_status,
+    "plugins": _cmd_plugins,
+    "demo": _cmd_demo,
+}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""Grains used by the tests (also importable by `forkcore serve` as module
+`grains_sample` when tests/ is on the path)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import anyio
+import attrs
+
+import forkcore
+
+
+@forkcore.wire_type(name="tests.Point")
+@attrs.frozen
+class Point:
+    x: int
+    y: int
+
+
+class ICounter(forkcore.GrainInterface, name="test.counter"):
+    async def add(self, amount: int) -> int: ...
+    async def get(self) -> int: ...
+    async def key_of(self) -> Any: ...
+    async def echo(self, value: Any) -> Any: ...
+    async def fail(self, message: str) -> None: ...
+    async def sleep(self, seconds: float) -> str: ...
+    @forkcore.rpc(timeout=0.5)
+    async def slow(self, seconds: float) -> str: ...
+    @forkcore.rpc(one_way=True)
+    async def bump(self, amount: int) -> None: ...
+
+
+class Counter(forkcore.Grain, ICounter):
+    activations = 0
+    deactivations = 0
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.activated = False
+
+    async def on_activate(self) -> None:
+        type(self).activations += 1
+        self.activated = True
+
+    async def on_deactivate(self) -> None:
+        type(self).deactivations += 1
+
+    async def add(self, amount: int) -> int:
+        current = self.total
+        await anyio.sleep(0)
+        self.total = current + amount
+        return self.total
+
+    async def get(self) -> int:
+        return self.total
+
+    async def key_of(self) -> Any:
+        return self.key
+
+    async def echo(self, value: Any) -> Any:
+        return value
+
+    async def fail(self, message: str) -> None:
+        raise ValueError(message)
+
+    async def sleep(self, seconds: float) -> str:
+        await anyio.sleep(seconds)
+        return "slept"
+
+    async def slow(self, seconds: float) -> str:
+        await anyio.sleep(seconds)
+        return "slept"
+
+    async def bump(self, amount: int) -> None:
+        self.total += amount
+
+
+def new_uuid() -> uuid.UUID:
+    return uuid.uuid4()
