@@ -168,7 +168,7 @@ def build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     (e.g. "server.toml: [client]")."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a table of options, got {type(data).__name__}")
-    fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[misc]
+    fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(

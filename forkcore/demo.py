@@ -8,11 +8,13 @@ flight fail at once, and the client moves to the next server and carries on.
 from __future__ import annotations
 
 import time
+
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
-from .client.client import Client
 from .cli import render_servers
+from .client.client import Client
 from .errors import ConnectError, NoServerAvailable, RemoteError
 from .grains import Grain, GrainInterface
 from .plugins import registry
@@ -33,7 +35,7 @@ class DemoCounter(Grain, IDemoCounter):
 
     async def add(self, amount: int) -> int:
         current = self.total
-        await anyio.sleep(0)  # let other calls try to interleave: turns keep them apart
+        await anyio.sleep(0)  # lets other calls try to interleave; turns keep them apart
         self.total = current + amount
         return self.total
 
@@ -57,7 +59,8 @@ async def _host(server: Server, stop: anyio.Event, *,
 
 async def run_demo(calls: int = 20) -> None:
     transport = "tcp" if "tcp" in registry("transport") else "memory"
-    print(f"forkcore demo: two servers and one client in this process, transport {transport}\n")
+    print("forkcore demo: two servers and one client in this process, "
+          f"transport {transport}\n")
     started = time.perf_counter()
     stops = [anyio.Event(), anyio.Event()]
     async with anyio.create_task_group() as tg:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import uuid
 from collections.abc import Callable, Mapping
-from enum import Enum
+from enum import StrEnum
 from typing import Any, ClassVar, TypeVar
 
 import attrs
@@ -44,7 +44,7 @@ class GrainId:
         return f"{self.interface}/{self.key!r}"
 
 
-class AffinityMode(str, Enum):
+class AffinityMode(StrEnum):
     """How strongly a grain reference is bound to one server."""
 
     NONE = "none"

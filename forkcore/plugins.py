@@ -80,7 +80,7 @@ def registrations(kind: str) -> list[Registration]:
     sources = _source_names(pm)
     hook = getattr(pm.hook, KINDS[kind])
     found: dict[str, Registration] = {}
-    for impl in reversed(hook.get_hookimpls()):  # pluggy calls the newest first
+    for impl in hook.get_hookimpls():  # in registration order: built-ins first
         source = sources.get(id(impl.plugin), impl.plugin_name)
 
         def register(name: str, factory: Callable[..., Any], _source: str = source) -> None:

@@ -22,8 +22,8 @@ from ..errors import ConfigError, ConnectError, ForkcoreError, NoServerAvailable
 from ..grains import (
     Affinity,
     AffinityMode,
-    GrainInterface,
     GrainId,
+    GrainInterface,
     InterfaceSpec,
     Key,
     MethodSpec,
@@ -193,7 +193,8 @@ class Client:
             raise ConfigError(f"affinity={mode.value!r} needs server=: the id of the server")
         ref = GrainRef(self, GrainId(spec.name, key),
                        Affinity(server, mode) if server is not None else None)
-        return proxy_class(spec)(ref)  # type: ignore[return-value]
+        proxy: T = proxy_class(spec)(ref)
+        return proxy
 
     async def call(self, interface_name: str, key: Key, method_name: str, /, *args: Any,
                    **kwargs: Any) -> Any:

@@ -64,13 +64,14 @@ def wire_type(cls: T | None = None, *, name: str | None = None) -> Any:
         if existing is not None and existing.cls is not klass:
             raise ConfigError(
                 f"wire_type: name {wire_name!r} is already registered for "
-                f"{existing.cls.__module__}.{existing.cls.__qualname__}; pass name= to choose another"
+                f"{existing.cls.__module__}.{existing.cls.__qualname__}; "
+                "pass name= to choose another"
             )
         fields = tuple(f.name for f in attrs.fields(klass) if f.init)
         entry = _WireClass(wire_name, klass, fields)
         _by_name[wire_name] = entry
         _by_class[klass] = entry
-        return klass
+        return klass  # type: ignore[return-value]
 
     return register if cls is None else register(cls)
 

@@ -171,10 +171,10 @@ def _int(v: Any, what: str) -> int:
 
 
 def _id(v: Any) -> int:
-    v = _int(v, "request id")
-    if not 0 <= v < 2**63:
+    n = _int(v, "request id")
+    if not 0 <= n < 2**63:
         raise _bad("request id out of range")
-    return v
+    return n
 
 
 def _str(v: Any, what: str, limit: int = 1024) -> str:

@@ -87,8 +87,7 @@ class Catalog:
             act = self._create(grain_id)
         act.last_used = anyio.current_time()
         self._started()
-        spec, cls = self.hosted[interface]
-        if is_reentrant(cls, call.method):
+        if is_reentrant(self.hosted[interface][1], call.method):
             act.reentrant_running += 1
             self._tg.start_soon(self._run_reentrant, act, call)
             return

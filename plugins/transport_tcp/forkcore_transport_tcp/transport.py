@@ -28,8 +28,8 @@ def _nodelay(stream: anyio.abc.SocketStream) -> None:
 
 def _peer(stream: anyio.abc.SocketStream) -> str:
     try:
-        host, port = stream.extra(SocketAttribute.remote_address)[:2]
-        return join_endpoint(str(host), int(port))
+        address: Any = stream.extra(SocketAttribute.remote_address)
+        return join_endpoint(str(address[0]), int(address[1]))
     except Exception:
         return "unknown"
 
@@ -116,6 +116,6 @@ class TcpTransport:
         except OSError as exc:
             raise ConnectError(f"cannot listen on {endpoint}: {exc.strerror or exc}") from None
         async with listener:
-            bound_host, bound_port = listener.extra(SocketAttribute.local_address)[:2]
-            yield TcpListener(listener, join_endpoint(str(bound_host), int(bound_port)),
+            address: Any = listener.extra(SocketAttribute.local_address)
+            yield TcpListener(listener, join_endpoint(str(address[0]), int(address[1])),
                               self.max_frame_size)
