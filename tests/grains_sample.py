@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import attrs
 
 import forkcore
@@ -49,7 +50,7 @@ class Counter(forkcore.Grain, ICounter):
 
     async def add(self, amount: int) -> int:
         current = self.total
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         self.total = current + amount
         return self.total
 

@@ -69,7 +69,7 @@ async def test_300_grains_answer_concurrently(cluster: Any) -> None:
     None, True, False, 0, -1, 2**63 - 1, 2**80, -(2**70), 1.5, float("inf"), "", "héllo ✓",
     b"", b"\x00\xff", [1, "a", [None]], (1, (2, "x")), {"a": 1, "b": [1, 2], 3: "int key"},
     uuid.UUID("12345678-1234-5678-1234-567812345678"),
-    datetime.datetime(2026, 11, 27, 12, 30, 1, 500, tzinfo=datetime.timezone.utc),
+    datetime.datetime(2026, 11, 27, 12, 30, 1, 500, tzinfo=datetime.UTC),
     datetime.datetime(2026, 11, 27, 12, 30, 1),
     Point(3, -4), [Point(1, 2), {"p": Point(0, 0)}],
 ])
