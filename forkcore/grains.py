@@ -7,6 +7,7 @@ classes on a call's path.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import uuid
 from collections.abc import Callable, Mapping
@@ -33,15 +34,43 @@ def check_key(key: object) -> Key:
     return key
 
 
+def key_bytes(key: Key) -> bytes:
+    """A stable, type-tagged byte form of a key: equal keys of different types differ."""
+    if isinstance(key, str):
+        return b"s" + key.encode("utf-8", "surrogatepass")
+    if isinstance(key, bytes):
+        return b"b" + key
+    if isinstance(key, uuid.UUID):
+        return b"u" + key.bytes
+    return b"i" + str(key).encode("ascii")
+
+
+def stable_hash(data: bytes) -> int:
+    """A 64-bit hash that is the same in every process and on every machine (BLAKE2b),
+    unlike Python's `hash()`."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
 @attrs.frozen(slots=True)
 class GrainId:
     """Identity of one grain: its interface's wire name and its key."""
 
     interface: str
     key: Key = attrs.field(validator=lambda _i, _a, v: check_key(v))
+    _hash64: int | None = attrs.field(default=None, init=False, eq=False, repr=False)
 
     def __str__(self) -> str:
         return f"{self.interface}/{self.key!r}"
+
+    @property
+    def stable_hash(self) -> int:
+        """64-bit hash of interface and key, identical in every process (computed once)."""
+        h = self._hash64
+        if h is None:
+            h = stable_hash(self.interface.encode("utf-8", "surrogatepass") + b"\0"
+                            + key_bytes(self.key))
+            object.__setattr__(self, "_hash64", h)
+        return h
 
 
 class AffinityMode(StrEnum):

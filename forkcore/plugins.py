@@ -112,24 +112,32 @@ def lookup(kind: str, name: str) -> Callable[..., Any]:
         return regs[name].factory
     installed = ", ".join(sorted(regs)) or "none"
     label = kind.replace("_", " ")
+    plural = {"strategy": "strategies", "affinity_policy": "affinity policies"}.get(
+        kind, label + "s")
     hint = KNOWN_DISTRIBUTIONS.get((kind, str(name)))
     if hint:
         advice = f"install it with 'pip install {hint}'"
     else:
         advice = "check the spelling, or install the plugin that provides it"
     raise PluginNotFound(
-        f"{label} {name!r} is not installed ({label}s installed: {installed}); {advice}"
+        f"{label} {name!r} is not installed ({plural} installed: {installed}); {advice}"
     )
 
 
-def create(kind: str, name: str, options: Mapping[str, Any] | None, where: str) -> Any:
-    """Build the plugin `name` of `kind` with `options`; a bad option is a `ConfigError`
-    naming `where` (the option's place in the configuration)."""
-    factory = lookup(kind, name)
+def create(kind: str, name: str, options: Mapping[str, Any] | None, where: str,
+           name_key: str | None = None, options_key: str | None = None) -> Any:
+    """Build the plugin `name` of `kind` with `options`. Errors name their place:
+    `where` (file and table, e.g. "client.toml: [client]") and the key."""
+    name_key = name_key or kind
+    try:
+        factory = lookup(kind, name)
+    except PluginNotFound as exc:
+        raise PluginNotFound(f"{where} key {name_key!r}: {exc}") from None
+    place = f"{where} key {options_key!r}" if options_key else f"{where} key {name_key!r}"
     try:
         return factory(**dict(options or {}))
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{place}: {exc}") from None
     except TypeError as exc:
-        raise ConfigError(f"{where}: {kind.replace('_', ' ')} {name!r} rejected its options: "
+        raise ConfigError(f"{place}: {kind.replace('_', ' ')} {name!r} rejected its options: "
                           f"{exc}") from None

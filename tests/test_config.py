@@ -151,7 +151,7 @@ def test_unimplemented_method_is_refused_by_the_server() -> None:
         async def one(self) -> int:
             return 1
 
-    with pytest.raises(ConfigError, match="does not implement half.two"):
+    with pytest.raises(ConfigError, match=r"does not implement half\.two"):
         forkcore.Server(id="s", transport="memory", grains=[Half])
 
 

@@ -85,11 +85,18 @@ def test_unknown_name_lists_installed_and_the_distribution_to_install() -> None:
     assert "memory" in message and "tcp" in message
 
 
-def test_unknown_strategy_in_multi_mode_names_the_strategies_distribution() -> None:
-    with pytest.raises(ConfigError) as info:
-        forkcore.Client(mode="multi", servers=["127.0.0.1:1"], strategy="consistent_hash",
-                        transport="memory")
-    assert "consistent_hash" in str(info.value) or "multi" in str(info.value)
+def test_multi_mode_without_strategies_names_the_distribution() -> None:
+    code = ("import forkcore\n"
+            "try:\n"
+            "    forkcore.Client(mode='multi', servers=['127.0.0.1:1'], transport='memory')\n"
+            "except forkcore.errors.PluginNotFound as exc:\n"
+            "    print(exc)\n")
+    env = {**os.environ, "FORKCORE_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert "strategy 'round_robin' is not installed" in out
+    assert "pip install forkcore-strategies" in out
+    assert "key 'strategy'" in out
 
 
 def test_unknown_name_we_do_not_know_suggests_checking_spelling() -> None:

@@ -1,7 +1,9 @@
-"""`forkcore.Client`: connects to servers and turns proxy calls into requests.
+"""`forkcore.Client`: connects to servers and routes every call to one of them.
 
 Single mode holds one connection, to the first reachable endpoint of `servers`, and
-moves to the next endpoint (with jittered exponential backoff) when it drops.
+moves to the next endpoint (with jittered exponential backoff) when it drops. Multi mode
+holds `connections_per_server` connections to every server and routes each call through
+the pipeline candidates → affinity → strategy → connection (fewest calls in flight).
 """
 
 from __future__ import annotations
@@ -17,29 +19,37 @@ from typing import Any, TypeVar
 import anyio
 import anyio.abc
 
+from ..builtins import NoAffinity
 from ..config import ClientOptions, load_config, options_from_kwargs
-from ..errors import ConfigError, ConnectError, ForkcoreError, NoServerAvailable
+from ..errors import (
+    ConfigError,
+    ConnectError,
+    ForkcoreError,
+    NoServerAvailable,
+    PluginNotFound,
+)
 from ..grains import (
     Affinity,
     AffinityMode,
     GrainId,
     GrainInterface,
-    InterfaceSpec,
     Key,
     MethodSpec,
     check_key,
     interface_spec,
     known_interface,
 )
-from ..plugins import create
+from ..plugins import create, lookup
+from ..transport import split_endpoint
 from .connection import ClientConnection, heartbeat
+from .pool import Pool, ServerState
 from .proxy import GrainRef, proxy_class
 from .views import ServerView
 
 log = logging.getLogger("forkcore.client")
 
 T = TypeVar("T", bound=GrainInterface)
-DEFAULT_METHOD = MethodSpec("?")
+DEFAULT_STRATEGY = "round_robin"
 
 
 def backoff_delay(attempt: int, initial: float, cap: float) -> float:
@@ -52,7 +62,7 @@ class Client:
     """A client of one or more forkcore servers; use as `async with Client(...) as client:`."""
 
     def __init__(self, *, mode: str = "single", servers: Sequence[str],
-                 transport: str = "tcp", strategy: str = "round_robin",
+                 transport: str = "tcp", strategy: str = DEFAULT_STRATEGY,
                  strategy_options: Mapping[str, Any] | None = None,
                  conflict_resolver: str = "highest_version", affinity: str = "none",
                  connections_per_server: int = 1, request_timeout: float = 10.0,
@@ -69,7 +79,7 @@ class Client:
                       request_timeout=request_timeout, connect_timeout=connect_timeout,
                       transport_options=dict(transport_options or {}), health=health,
                       security=security, **more)
-        self._init(options_from_kwargs(ClientOptions, values, "Client()"))
+        self._init(options_from_kwargs(ClientOptions, values, "Client()"), "Client()")
 
     @classmethod
     def from_config(cls, path_or_mapping: str | Path | Mapping[str, Any]) -> Client:
@@ -78,27 +88,40 @@ class Client:
         if config.client is None:
             raise ConfigError(f"{config.path or '<config>'}: no [client] table")
         client = cls.__new__(cls)
-        client._init(config.client)
+        client._init(config.client, f"{config.path or '<config>'}: [client]")
         return client
 
-    def _init(self, options: ClientOptions) -> None:
+    def _init(self, options: ClientOptions, where: str) -> None:
         if options.security.psk or options.security.psk_file:
             raise ConfigError("[client.security]: pre-shared keys are not supported by this "
                               "version of forkcore; remove the table")
-        if options.mode == "multi":
-            raise ConfigError("[client] mode = 'multi' is not available in this version of "
-                              "forkcore yet; use mode = 'single'")
         self.options = options
+        self.mode = options.mode
         self.transport = create("transport", options.transport, options.transport_options,
-                                "[client] transport_options")
+                                where, "transport", "transport_options")
+        self.strategy: Any = None
+        if options.mode == "multi":
+            self.strategy = create("strategy", options.strategy, options.strategy_options,
+                                   where, "strategy", "strategy_options")
+        elif options.strategy != DEFAULT_STRATEGY:
+            # single mode routes without a strategy, but a name given is still checked now
+            try:
+                lookup("strategy", options.strategy)
+            except PluginNotFound as exc:
+                raise PluginNotFound(f"{where} key 'strategy': {exc}") from None
         self.conflict_resolver = create("conflict_resolver", options.conflict_resolver, {},
-                                        "[client] conflict_resolver")
-        self.affinity_policy = create("affinity_policy", options.affinity, {},
-                                      "[client] affinity")
+                                        where, "conflict_resolver")
+        self.affinity_policy = create("affinity_policy", options.affinity, {}, where,
+                                      "affinity")
+        self._policy_affinity = None if isinstance(self.affinity_policy, NoAffinity) else \
+            self.affinity_policy.affinity
+        self._policy_routed = getattr(self.affinity_policy, "routed", None)
         self.client_id = options.client_id or uuid.uuid4().hex
+        self._pool = Pool(self.conflict_resolver.resolve)
         self._active: ClientConnection | None = None
-        self._known: dict[str, ServerView] = {}
         self._last_error: str | None = None
+        self._scopes: dict[str, list[anyio.CancelScope]] = {}
+        self._retired: set[str] = set()
         self._stack: AsyncExitStack | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -108,7 +131,13 @@ class Client:
         await stack.__aenter__()
         try:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
-            await self._tg.start(self._maintain_single)
+            if self.mode == "single":
+                await self._tg.start(self._maintain_single)
+            else:
+                outcomes = await self._open(self.options.servers)
+                if not any(isinstance(o, str) for o in outcomes):
+                    raise ConnectError("could not connect to any server: " + "; ".join(
+                        str(o) for o in outcomes))
         except BaseException:
             self._tg.cancel_scope.cancel()
             await stack.__aexit__(None, None, None)
@@ -121,78 +150,205 @@ class Client:
         if stack is None:
             return
         self._tg.cancel_scope.cancel()
-        await stack.__aexit__(*exc_info)
-        if self._active is not None:
-            self._active.close("client closed")
-            self._active = None
+        await stack.__aexit__(None, None, None)  # the block's own error propagates by itself
+        self._active = None
+
+    def _connection_options(self) -> tuple[float, float, float, float]:
+        o = self.options
+        return (o.connect_timeout, o.health.heartbeat_interval, o.reconnect_initial_delay,
+                o.reconnect_max_delay)
+
+    async def _session(self, endpoint: str, on_open: Any) -> ClientConnection:
+        """Connect, handshake, serve one connection until it ends; returns it (closed)."""
+        connect_timeout, heartbeat_interval, _, _ = self._connection_options()
+        async with self.transport.connect(endpoint, timeout=connect_timeout) as channel:
+            conn = await ClientConnection.handshake(channel, endpoint, self.client_id,
+                                                    connect_timeout)
+            self._pool.attach(conn)
+            on_open(conn)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(heartbeat, conn, heartbeat_interval)
+                    await conn.run()
+                    tg.cancel_scope.cancel()
+            finally:
+                conn.close(conn.last_error or "client closed")
+                self._pool.detach(conn)
+        return conn
 
     async def _maintain_single(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Keep one connection open, to the first endpoint that answers; move on when it
         drops, backing off after a full round of failures."""
-        opts = self.options
-        endpoints = opts.servers
+        _, _, initial, cap = self._connection_options()
+        endpoints = self.options.servers
         started = False
         index = 0
         attempt = 0
+
+        def opened(conn: ClientConnection) -> None:
+            nonlocal started, attempt
+            self._active = conn
+            attempt = 0
+            log.info("connected to server %s at %s", conn.server_id, conn.endpoint)
+            if not started:
+                started = True
+                task_status.started()
+
         while True:
             errors: list[str] = []
             for offset in range(len(endpoints)):
                 position = (index + offset) % len(endpoints)
-                endpoint = endpoints[position]
                 try:
-                    async with self.transport.connect(endpoint,
-                                                      timeout=opts.connect_timeout) as channel:
-                        conn = await ClientConnection.handshake(
-                            channel, endpoint, self.client_id, opts.connect_timeout)
-                        self._connected(conn)
-                        attempt = 0
-                        if not started:
-                            started = True
-                            task_status.started()
-                        async with anyio.create_task_group() as tg:
-                            tg.start_soon(heartbeat, conn, opts.health.heartbeat_interval)
-                            await conn.run()
-                            tg.cancel_scope.cancel()
-                        self._lost(conn)
-                        index = (position + 1) % len(endpoints)
-                        break
+                    conn = await self._session(endpoints[position], opened)
                 except ConnectError as exc:
                     errors.append(str(exc))
                     self._last_error = str(exc)
+                    continue
+                self._lost(conn)
+                index = (position + 1) % len(endpoints)
+                break
             else:
                 if not started:
                     raise ConnectError("could not connect to any server: " + "; ".join(errors))
-                await anyio.sleep(backoff_delay(attempt, opts.reconnect_initial_delay,
-                                                opts.reconnect_max_delay))
+                await anyio.sleep(backoff_delay(attempt, initial, cap))
                 attempt += 1
-
-    def _connected(self, conn: ClientConnection) -> None:
-        self._active = conn
-        log.info("connected to server %s at %s", conn.server_id, conn.endpoint)
 
     def _lost(self, conn: ClientConnection) -> None:
         if self._active is conn:
             self._active = None
         self._last_error = conn.last_error
-        self._known[conn.server_id] = self._view(conn, healthy=False)
         log.warning("lost connection to server %s at %s (%s); reconnecting", conn.server_id,
                     conn.endpoint, conn.last_error)
+
+    async def _open(self, endpoints: Sequence[str]) -> list[str | ConnectError]:
+        """Start `connections_per_server` maintainers per endpoint, all in parallel; each
+        outcome is the server id connected to or the error of the first attempt."""
+        outcomes: list[str | ConnectError] = []
+
+        async def start(endpoint: str) -> None:
+            outcomes.append(await self._tg.start(self._maintain_endpoint, endpoint))
+
+        async with anyio.create_task_group() as starters:
+            for endpoint in endpoints:
+                self._retired.discard(endpoint)
+                for _ in range(self.options.connections_per_server):
+                    starters.start_soon(start, endpoint)
+        return outcomes
+
+    async def _maintain_endpoint(
+        self, endpoint: str, *,
+        task_status: anyio.abc.TaskStatus[str | ConnectError] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep one connection to `endpoint` open (multi mode), reconnecting with jittered
+        exponential backoff, until the endpoint's server is removed or the client closes."""
+        _, _, initial, cap = self._connection_options()
+        started = False
+        attempt = 0
+
+        def opened(conn: ClientConnection) -> None:
+            nonlocal started, attempt
+            attempt = 0
+            if not started:
+                started = True
+                task_status.started(conn.server_id)
+            log.info("connected to server %s at %s", conn.server_id, conn.endpoint)
+
+        with anyio.CancelScope() as scope:
+            self._scopes.setdefault(endpoint, []).append(scope)
+            try:
+                while endpoint not in self._retired:
+                    try:
+                        conn = await self._session(endpoint, opened)
+                        if endpoint not in self._retired:
+                            log.warning("lost connection to server %s at %s (%s); "
+                                        "reconnecting", conn.server_id, endpoint,
+                                        conn.last_error)
+                    except ConnectError as exc:
+                        self._last_error = str(exc)
+                        if not started:
+                            started = True
+                            task_status.started(exc)
+                    if endpoint in self._retired:
+                        break
+                    await anyio.sleep(backoff_delay(attempt, initial, cap))
+                    attempt += 1
+            finally:
+                self._scopes[endpoint].remove(scope)
+
+    # -- membership at runtime ------------------------------------------------------------
+
+    async def add_server(self, endpoint: str) -> str:
+        """Connect to one more server (multi mode) and route to it; its id."""
+        self._require_multi("add_server")
+        split_endpoint(endpoint)
+        for state in self._pool.states.values():
+            if endpoint in state.endpoints and not state.removed and self._scopes.get(endpoint):
+                return state.view.id
+        outcomes = await self._open([endpoint])
+        for outcome in outcomes:
+            if isinstance(outcome, str):
+                return outcome
+        self._retire_endpoint(endpoint)
+        raise ConnectError(f"add_server({endpoint!r}): {outcomes[0]}")
+
+    async def remove_server(self, server_id: str) -> None:
+        """Stop routing to `server_id` now; its calls in flight may finish, then its
+        connections close and it is not reconnected."""
+        self._require_multi("remove_server")
+        state = self._pool.states.get(server_id)
+        if state is None or state.removed:
+            known = ", ".join(sorted(s for s, st in self._pool.states.items()
+                                     if not st.removed)) or "none"
+            raise ConfigError(f"remove_server({server_id!r}): no such server (known: {known})")
+        self._pool.remove(server_id)
+        for endpoint in state.endpoints:
+            self._retired.add(endpoint)
+        self._tg.start_soon(self._retire, state)
+        log.info("server %s removed", server_id)
+
+    async def _retire(self, state: ServerState) -> None:
+        with anyio.move_on_after(self.options.request_timeout):
+            while any(c.pending for c in state.connections):
+                await anyio.sleep(0.01)
+        for endpoint in state.endpoints:
+            self._retire_endpoint(endpoint)
+        self._pool.forget(state.view.id)
+
+    def _retire_endpoint(self, endpoint: str) -> None:
+        self._retired.add(endpoint)
+        for scope in list(self._scopes.get(endpoint, ())):
+            scope.cancel()
+
+    def _require_multi(self, what: str) -> None:
+        if self.mode != "multi":
+            raise ConfigError(f"{what} needs mode = 'multi'; a single-mode client uses the "
+                              "endpoints of 'servers' in turn")
+        if self._stack is None:
+            raise NoServerAvailable(f"{what}: use 'async with client:' first")
 
     # -- grain references and calls -------------------------------------------------------
 
     def get_grain(self, interface: type[T], key: Key, *, server: str | None = None,
                   affinity: AffinityMode | str | None = None) -> T:
-        """A proxy for grain `key` of `interface`, typed as the interface."""
+        """A proxy for grain `key` of `interface`, typed as the interface.
+
+        `server` with `affinity="required"` calls only that server; `"preferred"` (the
+        default when `server` is given) falls back through the routing pipeline."""
         spec = interface_spec(interface)
         check_key(key)
-        mode = AffinityMode(affinity) if affinity is not None else (
-            AffinityMode.PREFERRED if server is not None else AffinityMode.NONE)
+        try:
+            mode = AffinityMode(affinity) if affinity is not None else (
+                AffinityMode.PREFERRED if server is not None else AffinityMode.NONE)
+        except ValueError:
+            raise ConfigError(f"affinity={affinity!r}: use 'none', 'preferred' or "
+                              "'required'") from None
         if mode is not AffinityMode.NONE and server is None:
             raise ConfigError(f"affinity={mode.value!r} needs server=: the id of the server")
         ref = GrainRef(self, GrainId(spec.name, key),
-                       Affinity(server, mode) if server is not None else None)
+                       Affinity(server, mode) if server is not None and
+                       mode is not AffinityMode.NONE else None)
         proxy: T = proxy_class(spec)(ref)
         return proxy
 
@@ -208,16 +364,56 @@ class Client:
     async def invoke(self, grain_id: GrainId, affinity: Affinity | None, method: MethodSpec,
                      args: list[Any], kwargs: dict[str, Any]) -> Any:
         """Send one call along the routing pipeline; its result or a typed error."""
-        conn = self._pick(grain_id, affinity)
+        state = self._route(grain_id, affinity)
+        if self._policy_routed is not None:
+            self._policy_routed(grain_id, state.view.id)
+        conn = state.best_connection()
+        if conn is None:
+            raise self._pool.explain(grain_id.interface)
         if not method.waits_for_result:
             conn.one_way(grain_id.interface, grain_id.key, method.name, args, kwargs,
                          method.delivery)
             return None
         timeout = method.timeout or self.options.request_timeout
-        return await conn.request(grain_id.interface, grain_id.key, method.name, args, kwargs,
-                                  anyio.current_time() + timeout)
+        view = state.view
+        view.in_flight += 1
+        try:
+            return await conn.request(grain_id.interface, grain_id.key, method.name, args,
+                                      kwargs, anyio.current_time() + timeout)
+        finally:
+            view.in_flight -= 1
 
-    def _pick(self, grain_id: GrainId, affinity: Affinity | None) -> ClientConnection:
+    def _route(self, grain_id: GrainId, affinity: Affinity | None) -> ServerState:
+        """candidates → affinity → strategy: the server a call goes to, or
+        NoServerAvailable saying why there is none."""
+        if self.mode == "single":
+            return self._route_single(grain_id, affinity)
+        pool = self._pool
+        candidates = pool.candidates(grain_id.interface)
+        if affinity is None and self._policy_affinity is not None and candidates:
+            affinity = self._policy_affinity(grain_id, candidates)
+        if affinity is not None:
+            state = pool.states.get(affinity.server)
+            usable = state is not None and any(v is state.view for v in candidates)
+            if usable:
+                assert state is not None
+                return state
+            if affinity.mode is AffinityMode.REQUIRED:
+                raise pool.explain(grain_id.interface,
+                                   f" on required server {affinity.server!r} "
+                                   f"({'unknown' if state is None else state.view.state})")
+        if not candidates:
+            if self._stack is None:
+                raise NoServerAvailable(self._unavailable(grain_id.interface))
+            raise pool.explain(grain_id.interface)
+        chosen = self.strategy.select(grain_id, candidates)
+        state = pool.states.get(chosen)
+        if state is None:
+            raise ForkcoreError(f"strategy {self.options.strategy!r} chose {chosen!r}, which "
+                                "is not one of the candidates: the strategy plugin is broken")
+        return state
+
+    def _route_single(self, grain_id: GrainId, affinity: Affinity | None) -> ServerState:
         conn = self._active
         if conn is None or conn.closed:
             raise NoServerAvailable(self._unavailable(grain_id.interface))
@@ -226,7 +422,7 @@ class Client:
             raise NoServerAvailable(
                 f"{grain_id} requires server {affinity.server!r}, but this single-mode client "
                 f"is connected to {conn.server_id!r}")
-        return conn
+        return self._pool.states[conn.server_id]
 
     def _unavailable(self, interface: str) -> str:
         if self._stack is None:
@@ -235,37 +431,26 @@ class Client:
                 f"{', '.join(self.options.servers)}; last error: {self._last_error}); "
                 "the client is reconnecting in the background")
 
-    def route(self, interface_or_name: type[GrainInterface] | str, key: Key) -> str:
-        """The id of the server a call to (interface, key) would go to now."""
+    def route(self, interface_or_name: type[GrainInterface] | str, key: Key, *,
+              server: str | None = None, affinity: AffinityMode | str | None = None) -> str:
+        """The id of the server a call to (interface, key) would go to now: the same
+        pipeline a call runs (candidates → affinity → strategy)."""
         name = interface_or_name if isinstance(interface_or_name, str) else \
             interface_spec(interface_or_name).name
-        return self._pick(GrainId(name, check_key(key)), None).server_id
+        grain_id = GrainId(name, check_key(key))
+        ref_affinity = None
+        if server is not None:
+            mode = AffinityMode(affinity) if affinity is not None else AffinityMode.PREFERRED
+            if mode is not AffinityMode.NONE:
+                ref_affinity = Affinity(server, mode)
+        return self._route(grain_id, ref_affinity).view.id
 
     # -- views ----------------------------------------------------------------------------
 
-    def _view(self, conn: ClientConnection, healthy: bool) -> ServerView:
-        w = conn.welcome
-        state = "draining" if conn.draining else ("healthy" if healthy else "unhealthy")
-        return ServerView(
-            id=w.server_id, endpoint=conn.endpoint, zone=w.zone, metadata=dict(w.metadata),
-            interfaces=frozenset(i.name for i in w.manifest), healthy=healthy and not
-            conn.draining, rtt=conn.rtt, in_flight=conn.in_flight, state=state,
-            last_error=conn.last_error, versions={i.name: i for i in w.manifest})
-
     @property
     def servers(self) -> Sequence[ServerView]:
-        """Every server this client knows, as it sees them now."""
-        views = dict(self._known)
-        if self._active is not None and not self._active.closed:
-            views[self._active.server_id] = self._view(self._active, healthy=True)
-        return list(views.values())
-
-    async def add_server(self, endpoint: str) -> str:
-        raise ForkcoreError("add_server needs mode = 'multi'; a single-mode client uses the "
-                            "endpoints of 'servers' in turn")
-
-    async def remove_server(self, server_id: str) -> None:
-        raise ForkcoreError("remove_server needs mode = 'multi'")
+        """Every server this client knows (not removed), kept current."""
+        return self._pool.views()
 
 
-__all__ = ["Client", "InterfaceSpec"]
+__all__ = ["Client"]

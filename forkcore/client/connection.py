@@ -8,6 +8,7 @@ at once with `ConnectError`, never at its timeout.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -94,8 +95,8 @@ class ClientConnection:
         self.draining = False
         self.rtt: float | None = None
         self.last_error: str | None = None
+        self.on_change: Callable[[ClientConnection], None] | None = None
         self._next_id = 1
-        self._pings: dict[int, float] = {}
 
     @classmethod
     async def handshake(cls, channel: Channel, endpoint: str, client_id: str,
@@ -162,12 +163,10 @@ class ClientConnection:
                           delivery)
 
     def ping(self) -> None:
+        """Send a Ping carrying our clock; the Pong echoes it back, giving one RTT sample."""
         nonce = self._next_id
         self._next_id += 1
-        self._pings[nonce] = anyio.current_time()
-        if len(self._pings) > 16:
-            self._pings.pop(next(iter(self._pings)))
-        self.channel.send(self.proto.encode(Ping(nonce, 0.0)))
+        self.channel.send(self.proto.encode(Ping(nonce, anyio.current_time())))
 
     # -- reading --------------------------------------------------------------------------
 
@@ -187,16 +186,19 @@ class ClientConnection:
                     if p is not None:
                         p.fail(failure_error(msg))  # type: ignore[arg-type]
                 elif t is Pong:
-                    sent = self._pings.pop(msg.nonce, None)  # type: ignore[union-attr]
-                    if sent is not None:
-                        sample = anyio.current_time() - sent
+                    sample = anyio.current_time() - msg.sent_at  # type: ignore[union-attr]
+                    if 0 <= sample < 3600:
                         self.rtt = sample if self.rtt is None else 0.8 * self.rtt + 0.2 * sample
+                        if self.on_change is not None:
+                            self.on_change(self)
                 elif t is Ping:
                     self.channel.send(self.proto.encode(Pong(msg.nonce, msg.sent_at)))  # type: ignore[union-attr]
                 elif t is Goodbye:
                     self.draining = True
                     log.info("server %s (%s) says goodbye: %s", self.server_id, self.endpoint,
                              msg.reason)  # type: ignore[union-attr]
+                    if self.on_change is not None:
+                        self.on_change(self)
                 else:
                     raise ProtocolError(f"unexpected {t.__name__} from a server")
         except ConnectError as exc:
@@ -217,6 +219,8 @@ class ClientConnection:
             p.fail(ConnectError(
                 f"connection to server {self.server_id} ({self.endpoint}) was lost while the "
                 f"call was in flight ({reason}); it may or may not have run"))
+        if self.on_change is not None:
+            self.on_change(self)
 
 
 async def heartbeat(conn: ClientConnection, interval: float) -> None:

@@ -1,4 +1,4 @@
-"""`ServerView`: the read-only picture of one server that strategies and users see."""
+"""`ServerView`: the picture of one server that strategies, policies and users see."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ import attrs
 from ..grains import InterfaceInfo
 
 
-@attrs.frozen(slots=True)
+@attrs.define(slots=True, eq=False)
 class ServerView:
-    """One server as the client sees it now.
+    """One server as the client sees it, kept current by the client.
 
-    `rtt` is the smoothed round-trip time in seconds (None until measured); `state` is
-    one of "connecting", "healthy", "unhealthy", "draining"; `versions` maps each
+    Read-only for everyone but the client: the client updates `healthy`, `rtt`,
+    `in_flight`, `state` and `last_error` in place as things change, so a strategy reads
+    live values without the client building new objects on every call. `rtt` is the
+    smoothed round-trip time in seconds (None until measured); `state` is one of
+    "connecting", "healthy", "unhealthy", "draining", "removed"; `versions` maps each
     interface the server declares to what it declared.
     """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import fractions
+import io
 import ipaddress
 import re
 from collections.abc import Callable
@@ -167,13 +168,24 @@ def _decode_tuple(value: Any, immutable: bool) -> Any:
     return tuple(value)
 
 
-def _decode_datetime(value: Any, immutable: bool) -> Any:
+def _parse_datetime(value: Any, aware: bool) -> datetime.datetime:
     if not isinstance(value, str) or len(value) > 64:
         raise ProtocolError("malformed datetime value")
     try:
-        return datetime.datetime.fromisoformat(value)
+        result = datetime.datetime.fromisoformat(value)
     except ValueError:
         raise ProtocolError("malformed datetime value") from None
+    if (result.tzinfo is not None) != aware:
+        raise ProtocolError("datetime value with a missing or unexpected UTC offset")
+    return result
+
+
+def _decode_datetime(value: Any, immutable: bool) -> Any:
+    return _parse_datetime(value, aware=True)
+
+
+def _decode_naive_datetime(value: Any, immutable: bool) -> Any:
+    return _parse_datetime(value, aware=False)
 
 
 def _decode_uuid(value: Any, immutable: bool) -> Any:
@@ -190,7 +202,7 @@ _BUILTIN_TAGS = (0, 1, 2, 3, 4, 5, 21, 22, 23, 24, 25, 28, 29, 30, 32, 33, 34, 3
 _SEMANTIC: dict[int, Any] = {t: _reject_tag(t) for t in _BUILTIN_TAGS}
 del _SEMANTIC[TAG_BIGNUM_POS], _SEMANTIC[TAG_BIGNUM_NEG]
 _SEMANTIC[TAG_DATETIME] = _decode_datetime
-_SEMANTIC[TAG_NAIVE_DATETIME] = _decode_datetime
+_SEMANTIC[TAG_NAIVE_DATETIME] = _decode_naive_datetime
 _SEMANTIC[TAG_UUID] = _decode_uuid
 _SEMANTIC[TAG_TUPLE] = _decode_tuple
 _SEMANTIC[TAG_WIRE_TYPE] = _decode_wire_type
@@ -201,16 +213,18 @@ def _unknown_tag(tag: Any, immutable: bool) -> Any:
 
 
 def decode(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
-    """Decode one CBOR item, or raise `ProtocolError` saying what is wrong with it."""
+    """Decode exactly one CBOR item (nothing may follow it), or raise `ProtocolError`
+    saying what is wrong with it."""
+    fp = io.BytesIO(data)
     try:
-        return cbor2.loads(
-            data,
+        value = cbor2.CBORDecoder(
+            fp,
             semantic_decoders=_SEMANTIC,
             tag_hook=_unknown_tag,
             max_depth=max_depth,
             allow_indefinite=False,
             allow_duplicate_keys=False,
-        )
+        ).decode()
     except ProtocolError:
         raise
     except cbor2.CBORDecodeError as exc:
@@ -220,3 +234,7 @@ def decode(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
         raise ProtocolError(f"malformed CBOR: {exc}") from None
     except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
         raise ProtocolError(f"malformed CBOR: {exc}") from None
+    extra = len(data) - fp.tell()
+    if extra:
+        raise ProtocolError(f"{extra} trailing bytes after the CBOR item")
+    return value

@@ -13,7 +13,7 @@ from typing import Literal
 
 from ..errors import ProtocolError
 from . import codec
-from .messages import PROTOCOL_VERSION, Hello, Message, Welcome, from_wire, to_wire
+from .messages import PROTOCOL_VERSION, Goodbye, Hello, Message, Welcome, from_wire, to_wire
 
 
 class State(Enum):
@@ -37,8 +37,11 @@ class ProtocolConnection:
         self.peer_welcome: Welcome | None = None
 
     def encode(self, msg: Message) -> bytes:
-        """The frame body for `msg`; raises `WireTypeError` for values that cannot cross."""
-        if self.state is not State.OPEN:
+        """The frame body for `msg`; raises `WireTypeError` for values that cannot cross.
+
+        Goodbye may be sent in any state, even after a protocol error closed the
+        connection, so the peer learns why it is being dropped."""
+        if self.state is not State.OPEN and type(msg) is not Goodbye:
             expected = Hello if self.role == "client" else Welcome
             if self.state is State.CLOSED or type(msg) is not expected:
                 raise ProtocolError(f"cannot send {type(msg).__name__} in state {self.state.value}")
@@ -60,6 +63,8 @@ class ProtocolConnection:
         return msg
 
     def _handshake(self, msg: Message) -> None:
+        if isinstance(msg, Goodbye):
+            raise ProtocolError(f"peer said goodbye during the handshake: {msg.reason}")
         if self.role == "server":
             if not isinstance(msg, Hello):
                 raise ProtocolError(f"expected Hello first, got {type(msg).__name__}")

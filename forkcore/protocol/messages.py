@@ -8,6 +8,7 @@ message objects and those arrays, validating every field so a malformed message 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -188,8 +189,8 @@ def _opt_str(v: Any, what: str) -> str | None:
 
 
 def _num(v: Any, what: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise _bad(f"{what} must be a number")
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise _bad(f"{what} must be a finite number")
     return float(v)
 
 

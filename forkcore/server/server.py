@@ -41,6 +41,8 @@ from .catalog import Call, Catalog
 
 log = logging.getLogger("forkcore.server")
 
+MAX_ERROR_MESSAGE = 8192  # characters of a grain exception's message sent to the caller
+
 
 def find_grain_classes(grains: Iterable[Any]) -> list[type[Grain]]:
     """Grain classes from a mix of classes and module names (or modules)."""
@@ -108,7 +110,7 @@ class ServerConnection:
     def send(self, msg: Any) -> None:
         try:
             self.channel.send(self.proto.encode(msg))
-        except ConnectError:
+        except (ConnectError, ProtocolError):
             pass
 
     def reply_for(self, request_id: int) -> Any:
@@ -125,7 +127,10 @@ class ServerConnection:
                 except ConnectError:
                     pass
             else:
-                self.send(Failure(request_id, *value))
+                kind, type_name, message = value
+                if len(message) > MAX_ERROR_MESSAGE:
+                    message = message[:MAX_ERROR_MESSAGE] + " [truncated]"
+                self.send(Failure(request_id, kind, type_name[:256], message))
 
         return reply
 
@@ -151,7 +156,10 @@ class ServerConnection:
                 log.warning("closing connection from %s: %s", peer, exc)
                 with anyio.move_on_after(0.5):
                     self.send(Goodbye(f"protocol error: {exc}"))
-                    await self.channel.drain()
+                    try:
+                        await self.channel.drain()
+                    except ConnectError:
+                        pass
             except ConnectError:
                 pass
 
@@ -176,6 +184,8 @@ class ServerConnection:
 
     def request(self, req: Request) -> None:
         server = self.server
+        if req.id in self.calls:
+            raise ProtocolError(f"request id {req.id} is already in flight")
         complaint = server.check_target(req.interface, req.method)
         if complaint is not None:
             self.send(Failure(req.id, FAIL_NOT_FOUND, "MethodNotFound", complaint))
@@ -189,8 +199,6 @@ class ServerConnection:
                               f"more than {server.options.max_in_flight} calls in flight on "
                               "one connection; wait for some to finish"))
             return
-        if req.id in self.calls:
-            raise ProtocolError(f"request id {req.id} is already in flight")
         deadline = math.inf if req.timeout is None else anyio.current_time() + req.timeout
         call = Call(req.method, req.args, req.kwargs, deadline, self.reply_for(req.id))
         self.calls[req.id] = call
@@ -224,7 +232,7 @@ class Server:
             id=id, listen=listen, transport=transport, grains=list(grains), zone=zone,
             metadata=dict(metadata or {}), transport_options=dict(transport_options or {}),
             **more), "Server()")
-        self._init(options)
+        self._init(options, "Server()")
 
     @classmethod
     def from_config(cls, path_or_mapping: str | Path | Mapping[str, Any]) -> Server:
@@ -233,17 +241,17 @@ class Server:
         if config.server is None:
             raise ConfigError(f"{config.path or '<config>'}: no [server] table")
         server = cls.__new__(cls)
-        server._init(config.server)
+        server._init(config.server, f"{config.path or '<config>'}: [server]")
         return server
 
-    def _init(self, options: ServerOptions) -> None:
+    def _init(self, options: ServerOptions, where: str) -> None:
         if options.security.psk or options.security.psk_file:
             raise ConfigError("[server.security]: pre-shared keys are not supported by this "
                               "version of forkcore; remove the table")
         self.options = options
         self.id = options.id
         self.transport = create("transport", options.transport, options.transport_options,
-                                "[server] transport_options")
+                                where, "transport", "transport_options")
         self.hosted = host_table(find_grain_classes(options.grains))
         self.welcome = Welcome(PROTOCOL_VERSION, options.id, options.zone,
                                dict(options.metadata),
@@ -308,7 +316,7 @@ class Server:
                 await self._shutdown()
         finally:
             self._tg.cancel_scope.cancel()
-            await stack.__aexit__(*exc_info)
+            await stack.__aexit__(None, None, None)  # the block's own error propagates by itself
 
     async def _shutdown(self) -> None:
         """Stop accepting, let calls finish, say goodbye, deactivate grains."""
