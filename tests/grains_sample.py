@@ -80,3 +80,44 @@ class Counter(forkcore.Grain, ICounter):
 
 def new_uuid() -> uuid.UUID:
     return uuid.uuid4()
+
+
+class IGate(forkcore.GrainInterface, name="test.gate"):
+    @forkcore.rpc(timeout=0.5)
+    async def wait_open(self) -> str: ...
+    async def open(self) -> None: ...
+
+
+class Gate(forkcore.Grain, IGate):
+    """Turn-based: `open` queues behind `wait_open`, which therefore times out."""
+
+    def __init__(self) -> None:
+        self.opened = anyio.Event()
+
+    async def wait_open(self) -> str:
+        await self.opened.wait()
+        return "opened"
+
+    async def open(self) -> None:
+        self.opened.set()
+
+
+class IMethodReentrantGate(IGate, name="test.gate.method"):
+    pass
+
+
+class MethodReentrantGate(Gate, IMethodReentrantGate):
+    """`wait_open` is reentrant, so it does not hold the turn and `open` can run."""
+
+    @forkcore.reentrant
+    async def wait_open(self) -> str:
+        return await super().wait_open()
+
+
+class IClassReentrantGate(IGate, name="test.gate.class"):
+    pass
+
+
+@forkcore.reentrant
+class ClassReentrantGate(Gate, IClassReentrantGate):
+    """Every call interleaves."""

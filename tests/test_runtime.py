@@ -9,7 +9,17 @@ from typing import Any
 
 import anyio
 import pytest
-from grains_sample import Counter, ICounter, Point
+from grains_sample import (
+    ClassReentrantGate,
+    Counter,
+    Gate,
+    IClassReentrantGate,
+    ICounter,
+    IGate,
+    IMethodReentrantGate,
+    MethodReentrantGate,
+    Point,
+)
 
 import forkcore
 from forkcore.errors import (
@@ -303,3 +313,28 @@ async def test_proxy_is_typed_as_its_interface(cluster: Any) -> None:
     assert isinstance(proxy, ICounter)
     assert proxy.grain_id == forkcore.GrainId("test.counter", "typed")
     assert "test.counter" in repr(proxy)
+
+
+@pytest.mark.parametrize(("interface", "reentrant"), [
+    (IGate, False), (IMethodReentrantGate, True), (IClassReentrantGate, True)])
+async def test_reentrancy_is_opt_in_per_method_and_per_class(
+        transport: str, interface: Any, reentrant: bool) -> None:
+    async with forkcore.Server(id="s1", transport=transport,
+                               grains=[Gate, MethodReentrantGate, ClassReentrantGate]) as server:
+        async with forkcore.Client(servers=[server.endpoint or ""],
+                                   transport=transport) as client:
+            gate = client.get_grain(interface, "g")
+            outcome: list[str] = []
+
+            async def wait() -> None:
+                try:
+                    outcome.append(await gate.wait_open())
+                except RequestTimeout:
+                    outcome.append("timeout")
+
+            with anyio.fail_after(5):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(wait)
+                    await anyio.sleep(0.05)
+                    await gate.open()
+            assert outcome == (["opened"] if reentrant else ["timeout"])
