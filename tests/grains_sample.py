@@ -121,3 +121,26 @@ class IClassReentrantGate(IGate, name="test.gate.class"):
 @forkcore.reentrant
 class ClassReentrantGate(Gate, IClassReentrantGate):
     """Every call interleaves."""
+
+
+class IWhere(forkcore.GrainInterface, name="test.where"):
+    async def where(self) -> str: ...
+    async def sleep_where(self, seconds: float) -> str: ...
+
+
+class Where(forkcore.Grain, IWhere):
+    """Says which server it runs on: `located(id)` makes a subclass per server for
+    in-process clusters; under `forkcore serve` it reads $FORKCORE_TEST_SERVER_ID."""
+
+    server_id = "?"
+
+    async def where(self) -> str:
+        return self.server_id
+
+    async def sleep_where(self, seconds: float) -> str:
+        await anyio.sleep(seconds)
+        return self.server_id
+
+
+def located(server_id: str) -> type[Where]:
+    return type(f"Where_{server_id}", (Where,), {"server_id": server_id})

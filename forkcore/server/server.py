@@ -282,6 +282,11 @@ class Server:
         return sorted(self.hosted)
 
     @property
+    def connection_count(self) -> int:
+        """Client connections open now."""
+        return len(self._connections)
+
+    @property
     def activation_count(self) -> int:
         return len(self.catalog.activations)
 
