@@ -23,6 +23,7 @@ import anyio
 import attrs
 
 from .errors import ConfigError, ForkcoreError
+from .report import render_servers, routing_shares
 
 log = logging.getLogger("forkcore.cli")
 
@@ -48,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plugins", help="every registered plugin and its distribution")
     demo = sub.add_parser("demo", help="servers and a client in one process, no file needed")
-    demo.add_argument("--calls", type=int, default=20, help="calls per phase (default 20)")
+    demo.add_argument("--players", type=int, default=300,
+                      help="player grains in the workload (default 300)")
     return parser
 
 
@@ -155,18 +157,6 @@ def _cmd_call(args: argparse.Namespace) -> int:
 # -- status -----------------------------------------------------------------------------
 
 
-def render_servers(views: Sequence[Any]) -> str:
-    """A plain table of server views (shared by status and demo)."""
-    rows = [("SERVER", "ENDPOINT", "STATE", "RTT", "IN FLIGHT", "INTERFACES")]
-    for v in views:
-        rtt = "-" if v.rtt is None else f"{v.rtt * 1000:.1f} ms"
-        interfaces = ", ".join(f"{i.name} v{i.version}" for i in v.versions.values()) or "-"
-        rows.append((v.id, v.endpoint, v.state, rtt, str(v.in_flight), interfaces))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
-
-
 def _cmd_status(args: argparse.Namespace) -> int:
     from .client.client import Client
 
@@ -175,7 +165,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     async def run() -> str:
         async with client:
             await anyio.sleep(min(0.2, client.options.health.heartbeat_interval))
-            return render_servers(client.servers)
+            interfaces = sorted({i for v in client.servers for i in v.interfaces})
+            shares = routing_shares(client.route, interfaces)
+            text = render_servers(client.servers, {"ROUTED": shares})
+            return (f"{text}\n\nmode {client.mode}; ROUTED: where 1,000 sample keys of each "
+                    "interface go now")
 
     print(anyio.run(run))
     return 0
@@ -202,9 +196,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    if args.calls < 1:
-        raise ConfigError("--calls must be at least 1")
-    anyio.run(run_demo, args.calls)
+    if args.players < 1:
+        raise ConfigError("--players must be at least 1")
+    anyio.run(run_demo, args.players)
     return 0
 
 

@@ -1,37 +1,44 @@
-"""`forkcore demo`: two servers and a client in one process, on loopback.
+"""`forkcore demo`: three servers and a multi-server client in one process, on loopback.
 
-It shows a call's path end to end, turn-based execution (concurrent increments lose
-nothing), typed errors, and what happens when the client's server goes away: calls in
-flight fail at once, and the client moves to the next server and carries on.
+It routes a workload of player grains with `consistent_hash`, shows calls and grains per
+server, stops one server while calls continue (about a third of the grains move, all of
+them from the stopped server), then brings it back and its grains return. Without the
+strategies plugin it falls back to a single-mode tour.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Sequence
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 
-from .cli import render_servers
 from .client.client import Client
+from .client.views import ServerView
 from .errors import ConnectError, NoServerAvailable, RemoteError
-from .grains import Grain, GrainInterface
+from .grains import Grain, GrainInterface, rpc
 from .plugins import registry
+from .report import Progress, render_servers
 from .server.server import Server
 
 
-class IDemoCounter(GrainInterface, name="demo.counter"):
+class IDemoPlayer(GrainInterface, name="demo.player"):
+    @rpc(idempotent=True)
+    async def visit(self) -> str: ...
     async def add(self, amount: int) -> int: ...
-    async def where(self) -> str: ...
     async def fail(self) -> None: ...
 
 
-class DemoCounter(Grain, IDemoCounter):
+class DemoPlayer(Grain, IDemoPlayer):
     server_id = "?"
 
     def __init__(self) -> None:
         self.total = 0
+
+    async def visit(self) -> str:
+        return self.server_id
 
     async def add(self, amount: int) -> int:
         current = self.total
@@ -39,15 +46,12 @@ class DemoCounter(Grain, IDemoCounter):
         self.total = current + amount
         return self.total
 
-    async def where(self) -> str:
-        return self.server_id
-
     async def fail(self) -> None:
         raise ValueError("grains raise, callers get RemoteError")
 
 
-def _grain_for(server_id: str) -> type[DemoCounter]:
-    return type(f"DemoCounter_{server_id}", (DemoCounter,), {"server_id": server_id})
+def _hosted_on(server_id: str) -> type[DemoPlayer]:
+    return type(f"DemoPlayer_{server_id}", (DemoPlayer,), {"server_id": server_id})
 
 
 async def _host(server: Server, stop: anyio.Event, *,
@@ -57,54 +61,174 @@ async def _host(server: Server, stop: anyio.Event, *,
         await stop.wait()
 
 
-async def run_demo(calls: int = 20) -> None:
-    transport = "tcp" if "tcp" in registry("transport") else "memory"
-    print("forkcore demo: two servers and one client in this process, "
-          f"transport {transport}\n")
-    started = time.perf_counter()
-    stops = [anyio.Event(), anyio.Event()]
+class Cluster:
+    """Demo servers in tasks of one task group, each stoppable and restartable."""
+
+    def __init__(self, tg: anyio.abc.TaskGroup, transport: str) -> None:
+        self.tg = tg
+        self.transport = transport
+        self.stops: dict[str, anyio.Event] = {}
+        self.endpoints: dict[str, str] = {}
+
+    async def start(self, server_id: str, listen: str = "127.0.0.1:0") -> str:
+        self.stops[server_id] = anyio.Event()
+        server = Server(id=server_id, listen=listen, transport=self.transport,
+                        grains=[_hosted_on(server_id)], drain_timeout=1.0)
+        await self.tg.start(_host, server, self.stops[server_id])
+        self.endpoints[server_id] = server.endpoint or ""
+        return self.endpoints[server_id]
+
+    def stop(self, server_id: str) -> None:
+        self.stops[server_id].set()
+
+    def stop_all(self) -> None:
+        for stop in self.stops.values():
+            stop.set()
+
+
+async def _workload(client: Client, keys: Sequence[int], label: str) -> Counter[str]:
+    """One `visit` per player, 64 at a time; calls refused mid-failover are retried."""
+    landed: Counter[str] = Counter()
+    progress = Progress(label, len(keys))
+    limiter = anyio.CapacityLimiter(64)
+
+    async def visit(key: int) -> None:
+        async with limiter:
+            player = client.get_grain(IDemoPlayer, f"player-{key}")
+            for attempt in range(50):
+                try:
+                    landed[await player.visit()] += 1
+                    break
+                except (ConnectError, NoServerAvailable):
+                    await anyio.sleep(0.02 * (attempt + 1))
+            progress.advance()
+
     async with anyio.create_task_group() as tg:
-        hosted = [await tg.start(_host, Server(id=f"s{i + 1}", transport=transport,
-                                               grains=[_grain_for(f"s{i + 1}")]), stops[i])
-                  for i in range(2)]
-        async with Client(servers=[s.endpoint or "" for s in hosted], transport=transport,
-                          reconnect_initial_delay=0.02) as client:
-            await _phase_one(client, calls)
-            await _phase_two(client, calls, stops[0])
-        stops[1].set()
+        for key in keys:
+            tg.start_soon(visit, key)
+    progress.finish()
+    return landed
+
+
+def _routes(client: Client, keys: Sequence[int]) -> dict[int, str]:
+    return {k: client.route(IDemoPlayer, f"player-{k}") for k in keys}
+
+
+def _table(client: Client, calls: Counter[str], routes: dict[int, str]) -> str:
+    grains = Counter(routes.values())
+    return render_servers(client.servers, {
+        "CALLS": {sid: str(n) for sid, n in calls.items()},
+        "GRAINS": {sid: str(n) for sid, n in grains.items()},
+    })
+
+
+async def _wait_for(predicate: object, timeout: float = 10.0) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():  # type: ignore[operator]
+            await anyio.sleep(0.01)
+
+
+async def run_demo(players: int = 300) -> None:
+    transport = "tcp" if "tcp" in registry("transport") else "memory"
+    if "consistent_hash" not in registry("strategy"):
+        print("forkcore demo: the strategies plugin is not installed "
+              "('pip install forkcore-strategies'); showing single mode only\n")
+        await _single_mode_tour(transport)
+        return
+    started = time.perf_counter()
+    keys = range(players)
+    print(f"forkcore demo: three servers and one multi-server client in this process "
+          f"(transport {transport}, strategy consistent_hash)\n")
+    async with anyio.create_task_group() as tg:
+        cluster = Cluster(tg, transport)
+        try:
+            endpoints = [await cluster.start(f"s{i}") for i in (1, 2, 3)]
+            async with Client(mode="multi", servers=endpoints, transport=transport,
+                              strategy="consistent_hash", reconnect_initial_delay=0.02,
+                              reconnect_max_delay=0.2, request_timeout=5.0) as client:
+                await _tour(client, cluster, keys)
+        finally:
+            cluster.stop_all()
     print(f"\ndone in {time.perf_counter() - started:.2f}s")
 
 
-async def _phase_one(client: Client, calls: int) -> None:
-    counter = client.get_grain(IDemoCounter, "player-1")
-    print(f"1. {calls} concurrent add(1) calls to one grain (turn-based, nothing lost):")
+async def _tour(client: Client, cluster: Cluster, keys: Sequence[int]) -> None:
+    print(f"1. {len(keys)} players, one call each, routed by consistent hashing:")
+    routes = _routes(client, keys)
+    calls = await _workload(client, keys, "calls")
+    print("\n" + _table(client, calls, routes) + "\n")
+
+    player = client.get_grain(IDemoPlayer, "player-0")
     async with anyio.create_task_group() as tg:
-        for _ in range(calls):
-            tg.start_soon(counter.add, 1)
-    total = await counter.add(0)
-    print(f"   total = {total} (expected {calls}), served by {await counter.where()}")
+        for _ in range(50):
+            tg.start_soon(player.add, 1)
+    print(f"2. 50 concurrent add(1) to one grain: total {await player.add(0)} "
+          "(turn-based: no update lost)")
     try:
-        await counter.fail()
+        await player.fail()
     except RemoteError as exc:
-        print(f"2. a grain error comes back typed: RemoteError({exc.type_name!r}, "
-              f"{exc.message!r})")
-    print("\n" + render_servers(client.servers) + "\n")
+        print(f"   a grain's exception comes back typed: RemoteError({exc.type_name!r}, "
+              f"{exc.message!r})\n")
+
+    print("3. server s2 stops while calls continue:")
+    before = routes
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_later, cluster)
+        calls = await _workload(client, keys, "calls during the stop")
+    await _wait_for(lambda: not _view(client, "s2").healthy)
+    during = _routes(client, keys)
+    moved = [k for k in keys if before[k] != during[k]]
+    from_s2 = sum(1 for k in moved if before[k] == "s2")
+    print(f"   {len(moved)} of {len(keys)} grains moved ({100 * len(moved) / len(keys):.0f}%), "
+          f"{from_s2} of them from s2; the others stayed where they were")
+    calls = await _workload(client, keys, "calls after the stop")
+    print("\n" + _table(client, calls, during) + "\n")
+
+    print("4. s2 comes back on the same address:")
+    await cluster.start("s2", listen=cluster.endpoints["s2"])
+    await _wait_for(lambda: _view(client, "s2").healthy)
+    after = _routes(client, keys)
+    back = [k for k in moved if after[k] == "s2"]
+    print(f"   {len(back)} of the {len(moved)} moved grains are routed to s2 again; "
+          f"{sum(1 for k in keys if after[k] != before[k])} differ from the start")
+    calls = await _workload(client, keys, "calls")
+    print("\n" + _table(client, calls, after))
 
 
-async def _phase_two(client: Client, calls: int, stop_first: anyio.Event) -> None:
-    counter = client.get_grain(IDemoCounter, "player-1")
-    print("3. server s1 shuts down (gracefully: its calls in flight finish first)")
-    stop_first.set()
-    served, refused = 0, 0
-    with anyio.fail_after(10):
-        while served < calls:
-            try:
-                await counter.add(1)
-                served += 1
-            except (ConnectError, NoServerAvailable):
-                refused += 1
-                await anyio.sleep(0.01)
-    print(f"4. the client moved to the next server: {served} calls served by "
-          f"{await counter.where()} ({refused} refused while it reconnected)")
-    print(f"   the grain was activated afresh there: total = {await counter.add(0)}")
-    print("\n" + render_servers(client.servers))
+async def _stop_later(cluster: Cluster) -> None:
+    await anyio.sleep(0.005)
+    cluster.stop("s2")
+
+
+def _view(client: Client, server_id: str) -> ServerView:
+    for view in client.servers:
+        if view.id == server_id:
+            return view
+    raise LookupError(server_id)
+
+
+async def _single_mode_tour(transport: str) -> None:
+    async with anyio.create_task_group() as tg:
+        cluster = Cluster(tg, transport)
+        try:
+            endpoints = [await cluster.start(f"s{i}") for i in (1, 2)]
+            async with Client(servers=endpoints, transport=transport,
+                              reconnect_initial_delay=0.02) as client:
+                player = client.get_grain(IDemoPlayer, "player-1")
+                async with anyio.create_task_group() as calls:
+                    for _ in range(20):
+                        calls.start_soon(player.add, 1)
+                print(f"1. 20 concurrent add(1): total {await player.add(0)}, served by "
+                      f"{await player.visit()}")
+                print("2. s1 stops; the client moves to the next endpoint")
+                cluster.stop("s1")
+                with anyio.fail_after(10):
+                    while True:
+                        try:
+                            print(f"   now served by {await player.visit()}")
+                            break
+                        except (ConnectError, NoServerAvailable):
+                            await anyio.sleep(0.02)
+                print("\n" + render_servers(client.servers))
+        finally:
+            cluster.stop_all()

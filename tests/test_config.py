@@ -110,7 +110,7 @@ def test_from_config_needs_its_table(tmp_path: Path) -> None:
 def test_server_grain_modules_are_imported(tmp_path: Path) -> None:
     server = forkcore.Server.from_config({"server": {"id": "s", "grains": ["grains_sample"],
                                                      "transport": "memory"}})
-    assert server.interfaces == ["test.counter"]
+    assert "test.counter" in server.interfaces and "test.gate" in server.interfaces
     with pytest.raises(ConfigError, match="cannot import module 'no_such_module'"):
         forkcore.Server.from_config({"server": {"id": "s", "grains": ["no_such_module"]}})
     with pytest.raises(ConfigError, match="defines no Grain class"):
