@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import selectors
 import shutil
 import signal
 import socket
@@ -21,25 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from serving import CLI, ServeProcess, cli_env, start_server, write
 
-TESTS_DIR = Path(__file__).resolve().parent
-CLI = [sys.executable, "-m", "forkcore.cli"]
-READY = re.compile(r"forkcore: serving (?P<id>\S+) on (?P<host>[^\s:]+):(?P<port>\d+) \(")
 RUN_TIMEOUT = 20.0  # seconds any one CLI invocation may take before the test fails
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and pipes")
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("FORKCORE_DISABLE_PLUGIN_AUTOLOAD", None)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p)
-    env.update(extra)
-    return env
 
 
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
@@ -84,11 +71,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def client_toml(path: Path, port: int, extra: str = "") -> Path:
     return write(path, f'[client]\nservers = ["127.0.0.1:{port}"]\n{extra}')
 
@@ -124,76 +106,6 @@ def wait_in_flight(port: int, call: subprocess.Popen[str], settle: float = 0.3) 
             pytest.fail("the call did not connect to the server within 10s")
         time.sleep(0.02)
     time.sleep(settle)
-
-
-class ServeProcess:
-    """A running `forkcore serve` whose ready line has been read."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], server_id: str, host: str, port: int,
-                 ready_line: str, stderr_path: Path) -> None:
-        self.proc = proc
-        self.id = server_id
-        self.host = host
-        self.port = port
-        self.ready_line = ready_line
-        self.stderr_path = stderr_path
-
-    def stderr(self) -> str:
-        try:
-            return self.stderr_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-def start_server(directory: Path, server_id: str, extra: str = "",
-                 timeout: float = 15.0) -> ServeProcess:
-    """Start `forkcore serve` on an ephemeral loopback port; return once it printed its
-    ready line (or fail the test at the deadline)."""
-    config = write(directory / f"{server_id}.toml",
-                   f'[server]\nid = "{server_id}"\nlisten = "127.0.0.1:0"\n'
-                   f'grains = ["grains_sample"]\n{extra}')
-    stderr_path = directory / f"{server_id}.stderr"
-    with open(stderr_path, "wb") as stderr_file:
-        proc = subprocess.Popen([*CLI, "serve", "-c", str(config)], cwd=directory,
-                                env=cli_env(), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=stderr_file, bufsize=0)
-    assert proc.stdout is not None
-    buffer = b""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while b"\n" not in buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                proc.kill()
-                proc.wait(timeout=10)
-                pytest.fail(f"forkcore serve printed no ready line within {timeout}s; "
-                            f"stdout so far: {buffer!r}\nstderr: {stderr_path.read_text()}")
-            if not sel.select(remaining):
-                continue
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                proc.wait(timeout=10)
-                pytest.fail(f"forkcore serve exited ({proc.returncode}) before it was ready; "
-                            f"stdout: {buffer!r}\nstderr: {stderr_path.read_text()}")
-            buffer += chunk
-    line = buffer.split(b"\n", 1)[0].decode()
-    match = READY.search(line)
-    if match is None:
-        proc.kill()
-        proc.wait(timeout=10)
-        pytest.fail(f"unexpected ready line from forkcore serve: {line!r}")
-    return ServeProcess(proc, match["id"], match["host"], int(match["port"]), line, stderr_path)
 
 
 @pytest.fixture
