@@ -111,6 +111,8 @@ class ClientOptions:
                                     doc="conflict resolver plugin name")
     affinity: str = option("none", types=(str,), check=non_empty,
                            doc="affinity policy plugin name")
+    affinity_options: dict[str, Any] = option(factory=dict, types=(dict,),
+                                              doc="keyword options for the affinity policy")
     connections_per_server: int = option(1, types=(int,), check=at_least_one,
                                          doc="connections to each server (multi mode)")
     request_timeout: float = option(10.0, types=NUMBER, check=positive,

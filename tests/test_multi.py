@@ -319,3 +319,51 @@ async def test_calls_use_the_least_busy_connection(transport: str) -> None:
                 assert {v.id: v for v in client.servers}["s0"].in_flight == 9
                 connections = client._pool.states["s0"].connections
                 assert sorted(len(c.pending) for c in connections) == [3, 3, 3]
+
+
+async def test_sticky_keeps_grains_where_they_first_ran_when_servers_join(
+        transport: str) -> None:
+    keys = range(200)
+    async with hosts(transport) as h:
+        eps = [await h.start(f"s{i}") for i in range(3)]
+        async with multi(transport, eps, affinity="sticky") as client:
+            first = {k: await client.get_grain(IWhere, k).where() for k in keys}
+            await client.add_server(await h.start("s3"))
+            # consistent hashing alone would move some keys onto s3; sticky keeps them
+            assert any(client.strategy.select(forkcore.GrainId("test.where", k),
+                                              client._pool.candidates("test.where")) == "s3"
+                       for k in keys)
+            assert {k: await client.get_grain(IWhere, k).where() for k in keys} == first
+            assert await client.get_grain(IWhere, "brand-new").where() in {"s0", "s1", "s2",
+                                                                           "s3"}
+            # once a grain's server is gone, sticky lets go
+            h.stop("s1")
+            await wait_until(lambda: not {v.id: v for v in client.servers}["s1"].healthy)
+            moved = [k for k in keys if first[k] == "s1"]
+            for k in moved[:10]:
+                assert await client.get_grain(IWhere, k).where() != "s1"
+
+
+async def test_zone_affinity_prefers_servers_of_the_grains_zone(transport: str) -> None:
+    async with hosts(transport) as h:
+        eps = [await h.start("eu-a", zone="eu"), await h.start("eu-b", zone="eu"),
+               await h.start("us-a", zone="us")]
+        zones = {"player-eu": "eu", "player-us": "us", "7": "us"}
+        async with multi(transport, eps, affinity="zone",
+                         affinity_options={"zones": zones}) as client:
+            assert {v.id: v.zone for v in client.servers} == {
+                "eu-a": "eu", "eu-b": "eu", "us-a": "us"}
+            for _ in range(5):
+                assert await client.get_grain(IWhere, "player-us").where() == "us-a"
+                assert await client.get_grain(IWhere, 7).where() == "us-a"
+                assert await client.get_grain(IWhere, "player-eu").where() in {"eu-a", "eu-b"}
+            h.stop("us-a")
+            await wait_until(lambda: not {v.id: v for v in client.servers}["us-a"].healthy)
+            # no server of the grain's zone is left: the pipeline falls back
+            assert await client.get_grain(IWhere, "player-us").where() in {"eu-a", "eu-b"}
+
+
+async def test_bad_affinity_options_are_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="affinity_options"):
+        multi("memory", ["127.0.0.1:1"], affinity="sticky",
+              affinity_options={"no_such_option": 1})

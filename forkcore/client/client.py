@@ -65,6 +65,7 @@ class Client:
                  transport: str = "tcp", strategy: str = DEFAULT_STRATEGY,
                  strategy_options: Mapping[str, Any] | None = None,
                  conflict_resolver: str = "highest_version", affinity: str = "none",
+                 affinity_options: Mapping[str, Any] | None = None,
                  connections_per_server: int = 1, request_timeout: float = 10.0,
                  connect_timeout: float = 5.0,
                  transport_options: Mapping[str, Any] | None = None,
@@ -75,6 +76,7 @@ class Client:
         values = dict(mode=mode, servers=list(servers), transport=transport, strategy=strategy,
                       strategy_options=dict(strategy_options or {}),
                       conflict_resolver=conflict_resolver, affinity=affinity,
+                      affinity_options=dict(affinity_options or {}),
                       connections_per_server=connections_per_server,
                       request_timeout=request_timeout, connect_timeout=connect_timeout,
                       transport_options=dict(transport_options or {}), health=health,
@@ -111,8 +113,9 @@ class Client:
                 raise PluginNotFound(f"{where} key 'strategy': {exc}") from None
         self.conflict_resolver = create("conflict_resolver", options.conflict_resolver, {},
                                         where, "conflict_resolver")
-        self.affinity_policy = create("affinity_policy", options.affinity, {}, where,
-                                      "affinity")
+        self.affinity_policy = create("affinity_policy", options.affinity,
+                                      options.affinity_options, where, "affinity",
+                                      "affinity_options")
         self._policy_affinity = None if isinstance(self.affinity_policy, NoAffinity) else \
             self.affinity_policy.affinity
         self._policy_routed = getattr(self.affinity_policy, "routed", None)

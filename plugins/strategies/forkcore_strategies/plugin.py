@@ -1,0 +1,40 @@
+"""Registers the strategies and affinity policies of `forkcore-strategies` with forkcore
+(entry point `strategies` in group `forkcore`)."""
+
+from __future__ import annotations
+
+from forkcore import hookimpl
+from forkcore.hookspecs import Register
+
+from ._options import factory
+from .consistent_hash import ConsistentHash
+from .grain_type_affinity import GrainTypeAffinity
+from .least_loaded import LeastLoaded
+from .lowest_latency import LowestLatency
+from .round_robin import RoundRobin
+from .sticky import Sticky
+from .zone import Zone
+
+STRATEGIES = {
+    "round_robin": RoundRobin,
+    "consistent_hash": ConsistentHash,
+    "grain_type_affinity": GrainTypeAffinity,
+    "lowest_latency": LowestLatency,
+    "least_loaded": LeastLoaded,
+}
+AFFINITY_POLICIES = {
+    "sticky": Sticky,
+    "zone": Zone,
+}
+
+
+@hookimpl
+def forkcore_register_strategies(register: Register) -> None:
+    for name, cls in STRATEGIES.items():
+        register(name, factory("strategy", name, cls))
+
+
+@hookimpl
+def forkcore_register_affinity_policies(register: Register) -> None:
+    for name, cls in AFFINITY_POLICIES.items():
+        register(name, factory("affinity policy", name, cls))
