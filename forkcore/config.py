@@ -41,6 +41,14 @@ def positive(v: Any) -> str | None:
     return None if v > 0 else "must be greater than 0"
 
 
+def non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must not be negative"
+
+
+def share(v: Any) -> str | None:
+    return None if 0 <= v <= 1 else "must be between 0 and 1"
+
+
 def at_least_one(v: Any) -> str | None:
     return None if v >= 1 else "must be at least 1"
 
@@ -88,6 +96,16 @@ class HealthOptions:
                                        doc="seconds between heartbeats to each server")
     unhealthy_after: int = option(3, types=(int,), check=at_least_one,
                                   doc="missed heartbeats after which a server is unhealthy")
+    eject_after: int = option(5, types=(int,), check=at_least_one,
+                              doc="consecutive failed calls after which a server is ejected")
+    ejection_time: float = option(1.0, types=NUMBER, check=positive,
+                                  doc="seconds of the first ejection; each next one is longer")
+    max_ejection_time: float = option(30.0, types=NUMBER, check=positive,
+                                      doc="cap of an ejection in seconds")
+    max_ejected_share: float = option(0.5, types=NUMBER, check=share,
+                                      doc="largest share of servers ejected at once (0..1)")
+    retry_budget: float = option(10.0, types=NUMBER, check=non_negative,
+                                 doc="retry tokens; a retry takes one, a success returns 0.1")
 
 
 @attrs.frozen

@@ -27,6 +27,7 @@ from ..errors import (
     ForkcoreError,
     NoServerAvailable,
     PluginNotFound,
+    RequestTimeout,
 )
 from ..grains import (
     Affinity,
@@ -41,7 +42,8 @@ from ..grains import (
 )
 from ..plugins import create, lookup
 from ..transport import split_endpoint
-from .connection import ClientConnection, heartbeat
+from .connection import ClientConnection, NotSent, ServerRefused
+from .health import Ejector, RetryBudget, heartbeat
 from .pool import Pool, ServerState
 from .proxy import GrainRef, proxy_class
 from .views import ServerView
@@ -50,6 +52,7 @@ log = logging.getLogger("forkcore.client")
 
 T = TypeVar("T", bound=GrainInterface)
 DEFAULT_STRATEGY = "round_robin"
+MAX_ATTEMPTS = 5  # routing attempts per call (the first and at most four resends)
 
 
 def backoff_delay(attempt: int, initial: float, cap: float) -> float:
@@ -126,6 +129,9 @@ class Client:
         self._scopes: dict[str, list[anyio.CancelScope]] = {}
         self._retired: set[str] = set()
         self._stack: AsyncExitStack | None = None
+        self._connected = anyio.Event()  # single mode: set while a connection is open
+        self._ejector = Ejector(options.health, self._schedule_readmission)
+        self._retry_budget = RetryBudget(options.health.retry_budget)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -163,7 +169,7 @@ class Client:
 
     async def _session(self, endpoint: str, on_open: Any) -> ClientConnection:
         """Connect, handshake, serve one connection until it ends; returns it (closed)."""
-        connect_timeout, heartbeat_interval, _, _ = self._connection_options()
+        connect_timeout = self.options.connect_timeout
         async with self.transport.connect(endpoint, timeout=connect_timeout) as channel:
             conn = await ClientConnection.handshake(channel, endpoint, self.client_id,
                                                     connect_timeout)
@@ -171,13 +177,26 @@ class Client:
             on_open(conn)
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(heartbeat, conn, heartbeat_interval)
+                    tg.start_soon(heartbeat, conn, self.options.health,
+                                  self._unresponsive if self.mode == "single" else None)
                     await conn.run()
                     tg.cancel_scope.cancel()
             finally:
                 conn.close(conn.last_error or "client closed")
                 self._pool.detach(conn)
         return conn
+
+    def _unresponsive(self, conn: ClientConnection) -> None:
+        """Single mode cannot route around a frozen server: drop it and move on."""
+        conn.close("server stopped answering heartbeats")
+        self._tg.start_soon(conn.channel.aclose)
+
+    def _schedule_readmission(self, state: ServerState, after: float) -> None:
+        async def readmit() -> None:
+            await anyio.sleep(after)
+            self._pool.refresh(state)
+
+        self._tg.start_soon(readmit)
 
     async def _maintain_single(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -193,6 +212,7 @@ class Client:
         def opened(conn: ClientConnection) -> None:
             nonlocal started, attempt
             self._active = conn
+            self._connected.set()
             attempt = 0
             log.info("connected to server %s at %s", conn.server_id, conn.endpoint)
             if not started:
@@ -221,6 +241,7 @@ class Client:
     def _lost(self, conn: ClientConnection) -> None:
         if self._active is conn:
             self._active = None
+            self._connected = anyio.Event()
         self._last_error = conn.last_error
         log.warning("lost connection to server %s at %s (%s); reconnecting", conn.server_id,
                     conn.endpoint, conn.last_error)
@@ -366,25 +387,69 @@ class Client:
 
     async def invoke(self, grain_id: GrainId, affinity: Affinity | None, method: MethodSpec,
                      args: list[Any], kwargs: dict[str, Any]) -> Any:
-        """Send one call along the routing pipeline; its result or a typed error."""
-        state = self._route(grain_id, affinity)
-        if self._policy_routed is not None:
-            self._policy_routed(grain_id, state.view.id)
-        conn = state.best_connection()
-        if conn is None:
-            raise self._pool.explain(grain_id.interface)
-        if not method.waits_for_result:
-            conn.one_way(grain_id.interface, grain_id.key, method.name, args, kwargs,
-                         method.delivery)
-            return None
-        timeout = method.timeout or self.options.request_timeout
-        view = state.view
-        view.in_flight += 1
-        try:
-            return await conn.request(grain_id.interface, grain_id.key, method.name, args,
-                                      kwargs, anyio.current_time() + timeout)
-        finally:
-            view.in_flight -= 1
+        """Send one call along the routing pipeline; its result or a typed error.
+
+        A call that never left the client, or that a server refused without running it,
+        goes to the next choice; a call lost in flight is resent only if its method is
+        idempotent and the retry budget allows; nothing outlives the call's deadline."""
+        deadline = anyio.current_time() + (method.timeout or self.options.request_timeout)
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt and self.mode == "single":
+                await self._wait_connected(deadline)
+            state = self._route(grain_id, affinity)
+            if self._policy_routed is not None:
+                self._policy_routed(grain_id, state.view.id)
+            conn = state.best_connection()
+            if conn is None:
+                raise self._pool.explain(grain_id.interface)
+            if not method.waits_for_result:
+                try:
+                    conn.one_way(grain_id.interface, grain_id.key, method.name, args, kwargs,
+                                 method.delivery)
+                except NotSent:
+                    continue
+                return None
+            view = state.view
+            view.in_flight += 1
+            try:
+                result = await conn.request(grain_id.interface, grain_id.key, method.name,
+                                            args, kwargs, deadline)
+            except NotSent:
+                continue  # never left: the next choice is safe
+            except ServerRefused:
+                continue  # refused before running (draining, overloaded): safe too
+            except ConnectError as exc:
+                self._failed(state)
+                if method.idempotent and anyio.current_time() < deadline \
+                        and self._retry_budget.take():
+                    log.debug("resending idempotent %s.%s after: %s", grain_id, method.name,
+                              exc)
+                    continue
+                raise
+            except RequestTimeout:
+                self._failed(state)
+                raise
+            finally:
+                view.in_flight -= 1
+            state.failures = 0
+            self._retry_budget.success()
+            return result
+        raise NoServerAvailable(f"{grain_id}.{method.name}: no server took the call after "
+                                f"{MAX_ATTEMPTS} attempts; servers: " + ", ".join(
+                                    f"{v.id} ({v.state})" for v in self.servers))
+
+    def _failed(self, state: ServerState) -> None:
+        if self.mode == "multi":
+            if self._ejector.failure(state, self._pool.live_count(), self._pool.ejected_count()):
+                self._pool.refresh(state)
+
+    async def _wait_connected(self, deadline: float) -> None:
+        """Single mode, resending: wait (until the deadline) for the client to reconnect."""
+        conn = self._active
+        if conn is not None and not conn.closed and not conn.draining and conn.responsive:
+            return
+        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+            await self._connected.wait()
 
     def _route(self, grain_id: GrainId, affinity: Affinity | None) -> ServerState:
         """candidates → affinity → strategy: the server a call goes to, or
@@ -418,7 +483,9 @@ class Client:
 
     def _route_single(self, grain_id: GrainId, affinity: Affinity | None) -> ServerState:
         conn = self._active
-        if conn is None or conn.closed:
+        if conn is None or conn.closed or conn.draining or not conn.responsive:
+            if self._connected.is_set():
+                self._connected = anyio.Event()  # resends wait for the next connection
             raise NoServerAvailable(self._unavailable(grain_id.interface))
         if affinity is not None and affinity.mode is AffinityMode.REQUIRED \
                 and affinity.server != conn.server_id:
@@ -430,8 +497,15 @@ class Client:
     def _unavailable(self, interface: str) -> str:
         if self._stack is None:
             return "the client is not connected: use 'async with client:' before calling"
+        conn = self._active
+        if conn is not None and conn.draining and not conn.closed:
+            why = f"server {conn.server_id} is draining"
+        elif conn is not None and not conn.responsive and not conn.closed:
+            why = f"server {conn.server_id} stopped answering heartbeats"
+        else:
+            why = f"last error: {self._last_error}"
         return (f"no server is connected to serve {interface} (servers: "
-                f"{', '.join(self.options.servers)}; last error: {self._last_error}); "
+                f"{', '.join(self.options.servers)}; {why}); "
                 "the client is reconnecting in the background")
 
     def route(self, interface_or_name: type[GrainInterface] | str, key: Key, *,

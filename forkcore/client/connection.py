@@ -40,6 +40,7 @@ from ..protocol.messages import (
     Welcome,
 )
 from ..transport import Channel
+from .health import peak_ewma
 
 log = logging.getLogger("forkcore.client")
 
@@ -66,6 +67,14 @@ class Pending:
             self.event.set()
 
 
+class NotSent(ConnectError):
+    """The call never left the client: it can go to another server without risk."""
+
+
+class ServerRefused(NoServerAvailable):
+    """The server refused the call without running it (draining, overloaded)."""
+
+
 def failure_error(f: Failure) -> ForkcoreError:
     """The exception a caller sees for a Failure message."""
     if f.kind == "remote":
@@ -77,7 +86,7 @@ def failure_error(f: Failure) -> ForkcoreError:
     if f.kind == "unauthorized":
         return Unauthorized(f.message)
     if f.kind == "unavailable":
-        return NoServerAvailable(f.message)
+        return ServerRefused(f.message)
     return ProtocolError(f"{f.type_name}: {f.message}")
 
 
@@ -96,6 +105,9 @@ class ClientConnection:
         self.rtt: float | None = None
         self.last_error: str | None = None
         self.on_change: Callable[[ClientConnection], None] | None = None
+        self.last_heard = anyio.current_time()
+        self.responsive = True
+        self._rtt_at = self.last_heard
         self._next_id = 1
 
     @classmethod
@@ -127,16 +139,19 @@ class ClientConnection:
     async def request(self, interface: str, key: Key, method: str, args: list[Any],
                       kwargs: dict[str, Any], deadline: float) -> Any:
         if self.closed:
-            raise ConnectError(f"connection to {self.server_id} ({self.endpoint}) is closed")
+            raise NotSent(f"connection to {self.server_id} ({self.endpoint}) is closed")
         rid = self._next_id
         self._next_id = rid + 1
         remaining = deadline - anyio.current_time()
         body = self.proto.encode(Request(rid, interface, key, method, args, kwargs,
                                          max(remaining, 0.0)))
+        try:
+            self.channel.send(body)
+        except ConnectError as exc:
+            raise NotSent(str(exc)) from None
         pending = Pending()
         self.pending[rid] = pending
         try:
-            self.channel.send(body)
             with anyio.CancelScope(deadline=deadline):
                 await pending.event.wait()
         finally:
@@ -158,7 +173,7 @@ class ClientConnection:
     def one_way(self, interface: str, key: Key, method: str, args: list[Any],
                 kwargs: dict[str, Any], delivery: str) -> None:
         if self.closed:
-            raise ConnectError(f"connection to {self.server_id} ({self.endpoint}) is closed")
+            raise NotSent(f"connection to {self.server_id} ({self.endpoint}) is closed")
         self.channel.send(self.proto.encode(OneWay(interface, key, method, args, kwargs)),
                           delivery)
 
@@ -176,6 +191,9 @@ class ClientConnection:
         try:
             while True:
                 msg = self.proto.decode(await self.channel.receive())
+                self.last_heard = anyio.current_time()
+                if not self.responsive:
+                    self.set_responsive(True)
                 t = type(msg)
                 if t is Response:
                     p = self.pending.pop(msg.id, None)  # type: ignore[union-attr]
@@ -186,9 +204,11 @@ class ClientConnection:
                     if p is not None:
                         p.fail(failure_error(msg))  # type: ignore[arg-type]
                 elif t is Pong:
-                    sample = anyio.current_time() - msg.sent_at  # type: ignore[union-attr]
+                    now = self.last_heard
+                    sample = now - msg.sent_at  # type: ignore[union-attr]
                     if 0 <= sample < 3600:
-                        self.rtt = sample if self.rtt is None else 0.8 * self.rtt + 0.2 * sample
+                        self.rtt = peak_ewma(self.rtt, sample, now - self._rtt_at)
+                        self._rtt_at = now
                         if self.on_change is not None:
                             self.on_change(self)
                 elif t is Ping:
@@ -209,6 +229,15 @@ class ClientConnection:
         finally:
             self.close(reason)
 
+    def set_responsive(self, responsive: bool) -> None:
+        """Heartbeats say whether the server answers; routing skips it while it does not."""
+        if responsive != self.responsive:
+            self.responsive = responsive
+            if not responsive:
+                self.last_error = "stopped answering heartbeats"
+            if self.on_change is not None:
+                self.on_change(self)
+
     def close(self, reason: str) -> None:
         if self.closed:
             return
@@ -221,13 +250,3 @@ class ClientConnection:
                 f"call was in flight ({reason}); it may or may not have run"))
         if self.on_change is not None:
             self.on_change(self)
-
-
-async def heartbeat(conn: ClientConnection, interval: float) -> None:
-    """Ping every `interval` seconds so RTT is known; ends when the connection closes."""
-    while not conn.closed:
-        try:
-            conn.ping()
-        except ConnectError:
-            return
-        await anyio.sleep(interval)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Mapping
 
+import anyio
+
 from ..errors import NoServerAvailable
 from ..grains import InterfaceInfo
 from .connection import ClientConnection
@@ -23,22 +25,27 @@ log = logging.getLogger("forkcore.client")
 class ServerState:
     """What the client holds for one server id."""
 
-    __slots__ = ("connections", "endpoints", "removed", "view")
+    __slots__ = ("connections", "ejected_until", "ejections", "endpoints", "failures",
+                 "removed", "view")
 
     def __init__(self, view: ServerView) -> None:
         self.view = view
         self.connections: list[ClientConnection] = []
         self.endpoints: list[str] = []
         self.removed = False
+        self.failures = 0  # consecutive failed calls
+        self.ejections = 0  # times ejected so far (the next ejection is longer)
+        self.ejected_until = 0.0
 
     def open_connections(self) -> list[ClientConnection]:
         return [c for c in self.connections if not c.closed]
 
     def best_connection(self) -> ClientConnection | None:
-        """The open connection with the fewest calls in flight."""
+        """The open, responsive connection with the fewest calls in flight."""
         best: ClientConnection | None = None
         for conn in self.connections:
-            if not conn.closed and (best is None or len(conn.pending) < len(best.pending)):
+            if not conn.closed and conn.responsive and \
+                    (best is None or len(conn.pending) < len(best.pending)):
                 best = conn
         return best
 
@@ -105,14 +112,18 @@ class Pool:
         """Recompute a server's health and state; drop cached candidates if they changed."""
         view = state.view
         open_conns = state.open_connections()
-        draining = any(c.draining for c in open_conns)
         if state.removed:
             new_state = "removed"
         elif not open_conns:
             new_state = "unhealthy" if view.state != "connecting" or view.last_error else \
                 "connecting"
-        elif draining:
+        elif not any(c.responsive for c in open_conns):
+            new_state = "unhealthy"
+            view.last_error = "stopped answering heartbeats"
+        elif any(c.draining for c in open_conns):
             new_state = "draining"
+        elif state.ejected_until > anyio.current_time():
+            new_state = "ejected"
         else:
             new_state = "healthy"
         healthy = new_state == "healthy"
@@ -122,6 +133,17 @@ class Pool:
             view.state = new_state
             view.healthy = healthy
             self.changed()
+
+    def refresh(self, state: ServerState) -> None:
+        """Re-evaluate one server (e.g. when its ejection ends)."""
+        if self.states.get(state.view.id) is state:
+            self._update(state)
+
+    def ejected_count(self) -> int:
+        return sum(1 for s in self.states.values() if s.view.state == "ejected")
+
+    def live_count(self) -> int:
+        return sum(1 for s in self.states.values() if not s.removed)
 
     def changed(self) -> None:
         self.generation += 1

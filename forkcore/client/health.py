@@ -1,0 +1,117 @@
+"""Health of servers as a client sees it: RTT, heartbeats, outlier ejection, retry budget.
+
+- RTT is a peak-sensitive moving average (Finagle's peak EWMA): a slower sample is
+  taken at once, faster ones pull the average down over `RTT_DECAY` seconds, so a
+  server that just got slow stops looking fast immediately.
+- A connection that has heard nothing for `unhealthy_after` heartbeats is unresponsive
+  (a frozen process with an open socket); it is healthy again as soon as it answers.
+- Consecutive call failures eject a server for a growing, capped interval (gRPC A50
+  outlier detection), never ejecting more than a bounded share of servers.
+- A token bucket bounds retries (gRPC A6's retry throttling) so failures never turn into
+  a retry storm.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ..config import HealthOptions
+from ..errors import ConnectError
+
+if TYPE_CHECKING:
+    from .connection import ClientConnection
+    from .pool import ServerState
+
+log = logging.getLogger("forkcore.client.health")
+
+RTT_DECAY = 2.0  # seconds for a faster RTT sample to pull the average down by 1/e
+
+
+def peak_ewma(current: float | None, sample: float, elapsed: float) -> float:
+    """The next RTT estimate: a higher sample wins at once, a lower one decays in."""
+    if current is None or sample >= current:
+        return sample
+    weight = math.exp(-max(elapsed, 0.0) / RTT_DECAY)
+    return current * weight + sample * (1 - weight)
+
+
+async def heartbeat(conn: ClientConnection, options: HealthOptions,
+                    on_unresponsive: Callable[[ClientConnection], None] | None = None) -> None:
+    """Ping every `heartbeat_interval`; mark the connection unresponsive once it has been
+    silent for `unhealthy_after` intervals, responsive again when it speaks."""
+    interval = options.heartbeat_interval
+    limit = options.unhealthy_after * interval
+    tick = min(interval / 4, 0.25)
+    next_ping = anyio.current_time()
+    while not conn.closed:
+        now = anyio.current_time()
+        if now >= next_ping:
+            try:
+                conn.ping()
+            except ConnectError:
+                return
+            next_ping = now + interval
+        responsive = now - conn.last_heard < limit
+        if responsive != conn.responsive:
+            conn.set_responsive(responsive)
+            if not responsive:
+                log.warning("server %s at %s has not answered for %.1fs (%d heartbeats)",
+                            conn.server_id, conn.endpoint, now - conn.last_heard,
+                            options.unhealthy_after)
+                if on_unresponsive is not None:
+                    on_unresponsive(conn)
+        await anyio.sleep(tick)
+
+
+class Ejector:
+    """Outlier detection: eject a server after `eject_after` consecutive call failures
+    for `ejection_time` * (times ejected), at most `max_ejection_time`, while no more
+    than `max_ejected_share` of the servers are ejected."""
+
+    def __init__(self, options: HealthOptions, schedule: Callable[[ServerState, float], None]):
+        self.options = options
+        self._schedule = schedule
+
+    def success(self, state: ServerState) -> None:
+        state.failures = 0
+
+    def failure(self, state: ServerState, total_servers: int, ejected_now: int) -> bool:
+        """Count one failed call; True if the server was ejected by it."""
+        state.failures += 1
+        opts = self.options
+        if state.failures < opts.eject_after or state.ejected_until > anyio.current_time():
+            return False
+        if (ejected_now + 1) > max(1, math.floor(opts.max_ejected_share * total_servers)):
+            return False
+        state.ejections += 1
+        duration = min(opts.ejection_time * state.ejections, opts.max_ejection_time)
+        state.ejected_until = anyio.current_time() + duration
+        state.failures = 0
+        log.warning("server %s ejected for %.1fs after %d consecutive failed calls",
+                    state.view.id, duration, opts.eject_after)
+        self._schedule(state, duration)
+        return True
+
+
+class RetryBudget:
+    """A token bucket: each retry takes a token, each success returns a fraction of one."""
+
+    def __init__(self, capacity: float = 10.0, refill_per_success: float = 0.1) -> None:
+        self.capacity = capacity
+        self.refill = refill_per_success
+        self.tokens = capacity
+
+    def success(self) -> None:
+        if self.tokens < self.capacity:
+            self.tokens = min(self.capacity, self.tokens + self.refill)
+
+    def take(self) -> bool:
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
