@@ -126,6 +126,8 @@ class ClassReentrantGate(Gate, IClassReentrantGate):
 class IWhere(forkcore.GrainInterface, name="test.where"):
     async def where(self) -> str: ...
     async def sleep_where(self, seconds: float) -> str: ...
+    @forkcore.rpc(idempotent=True)
+    async def sleep_where_idempotent(self, seconds: float) -> str: ...
 
 
 class Where(forkcore.Grain, IWhere):
@@ -140,6 +142,9 @@ class Where(forkcore.Grain, IWhere):
     async def sleep_where(self, seconds: float) -> str:
         await anyio.sleep(seconds)
         return self.server_id
+
+    async def sleep_where_idempotent(self, seconds: float) -> str:
+        return await self.sleep_where(seconds)
 
 
 def located(server_id: str) -> type[Where]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import anyio
+
 from grains_sample import Where
 
 import forkcore
@@ -24,3 +26,22 @@ class IVersioned(forkcore.GrainInterface, name="test.versioned", version=_VERSIO
 class Versioned(forkcore.Grain, IVersioned):
     async def version(self) -> int:
         return _VERSION
+
+
+class IRecorder(forkcore.GrainInterface, name="test.recorder"):
+    """Appends "<server id> <tag>" to $FORKCORE_TEST_LOG when a call starts running."""
+
+    async def record(self, tag: str, seconds: float) -> str: ...
+    @forkcore.rpc(idempotent=True)
+    async def record_idempotent(self, tag: str, seconds: float) -> str: ...
+
+
+class Recorder(forkcore.Grain, IRecorder):
+    async def record(self, tag: str, seconds: float) -> str:
+        with open(os.environ["FORKCORE_TEST_LOG"], "a", encoding="utf-8") as log:
+            log.write(f"{ServedWhere.server_id} {tag}\n")
+        await anyio.sleep(seconds)
+        return ServedWhere.server_id
+
+    async def record_idempotent(self, tag: str, seconds: float) -> str:
+        return await self.record(tag, seconds)

@@ -139,12 +139,12 @@ def pack_wheel(source: Path, out: Path) -> Path:
     for extra in ("entry_points.txt", "top_level.txt"):
         if (info / extra).exists():
             files[f"{dist_info}/{extra}"] = (info / extra).read_bytes()
-    record = [f"{path},sha256={digest(data)},{len(data)}" for path, data in files.items()]
+    record = [f"{member},sha256={digest(data)},{len(data)}" for member, data in files.items()]
     files[f"{dist_info}/RECORD"] = "\n".join([*record, f"{dist_info}/RECORD,,", ""]).encode()
     wheel = out / f"{name}-{fields['Version']}-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path, data in files.items():
-            archive.writestr(path, data)
+        for member, data in files.items():
+            archive.writestr(member, data)
     return wheel
 
 
