@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import anyio
-
 from grains_sample import Where
 
 import forkcore
@@ -38,8 +37,9 @@ class IRecorder(forkcore.GrainInterface, name="test.recorder"):
 
 class Recorder(forkcore.Grain, IRecorder):
     async def record(self, tag: str, seconds: float) -> str:
-        with open(os.environ["FORKCORE_TEST_LOG"], "a", encoding="utf-8") as log:
-            log.write(f"{ServedWhere.server_id} {tag}\n")
+        log = anyio.Path(os.environ["FORKCORE_TEST_LOG"])
+        async with await log.open("a", encoding="utf-8") as f:
+            await f.write(f"{ServedWhere.server_id} {tag}\n")
         await anyio.sleep(seconds)
         return ServedWhere.server_id
 

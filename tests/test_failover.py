@@ -108,7 +108,7 @@ async def test_sigkill_under_32_callers(fleet: Fleet) -> None:
                         await grain.sleep_where_idempotent(0.02)
                     else:
                         await grain.sleep_where(0.02)
-                except BaseException as exc:  # noqa: BLE001 - every failure is inspected
+                except BaseException as exc:
                     (idempotent_failures if idempotent else other_failures).append(exc)
                 elapsed = anyio.current_time() - start
                 if elapsed > timeout + 0.5:
