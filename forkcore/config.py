@@ -104,8 +104,9 @@ class HealthOptions:
                                       doc="cap of an ejection in seconds")
     max_ejected_share: float = option(0.5, types=NUMBER, check=share,
                                       doc="largest share of servers ejected at once (0..1)")
-    retry_budget: float = option(10.0, types=NUMBER, check=non_negative,
-                                 doc="retry tokens; a retry takes one, a success returns 0.1")
+    retry_budget: float = option(50.0, types=NUMBER, check=non_negative,
+                                 doc="retry tokens (the bucket's size); a resend takes one, "
+                                     "a successful call returns 0.2")
 
 
 @attrs.frozen

@@ -116,14 +116,33 @@ async def test_sigkill_under_32_callers(fleet: Fleet) -> None:
                 calls += 1
                 i += 1
 
+        doomed = [k for k in range(10_000) if client.route(IWhere, k) == "k1"][:8]
+        long_results: list[Any] = []
+
+        async def long_call(key: int, idempotent: bool) -> None:
+            grain = client.get_grain(IWhere, key)
+            method = grain.sleep_where_idempotent if idempotent else grain.sleep_where
+            try:
+                long_results.append((idempotent, await method(1.0)))
+            except ForkcoreError as exc:
+                long_results.append((idempotent, exc))
+
         async with anyio.create_task_group() as tg:
             for n in range(32):
                 tg.start_soon(caller, n)
+            for i, key in enumerate(doomed):
+                tg.start_soon(long_call, key, i % 2 == 0)
             await anyio.sleep(0.5)
             fleet.kill("k1")
     assert calls > 100
-    # the kill caught calls in flight: non-idempotent ones failed, typed, at once
-    assert any(isinstance(e, ConnectError) for e in other_failures)
+    # calls in flight on k1 when it died: idempotent ones were resent and succeeded
+    # elsewhere, the others failed at once with ConnectError
+    assert len(long_results) == 8
+    for idempotent, outcome in long_results:
+        if idempotent:
+            assert outcome in {"k0", "k2"}
+        else:
+            assert isinstance(outcome, ConnectError)
     assert idempotent_failures == []
     assert all(isinstance(e, ForkcoreError) for e in other_failures), other_failures
     assert overruns == []

@@ -241,7 +241,8 @@ class Client:
     def _lost(self, conn: ClientConnection) -> None:
         if self._active is conn:
             self._active = None
-            self._connected = anyio.Event()
+            if self._connected.is_set():  # never replace an event someone waits on
+                self._connected = anyio.Event()
         self._last_error = conn.last_error
         log.warning("lost connection to server %s at %s (%s); reconnecting", conn.server_id,
                     conn.endpoint, conn.last_error)
@@ -444,12 +445,16 @@ class Client:
                 self._pool.refresh(state)
 
     async def _wait_connected(self, deadline: float) -> None:
-        """Single mode, resending: wait (until the deadline) for the client to reconnect."""
-        conn = self._active
-        if conn is not None and not conn.closed and not conn.draining and conn.responsive:
-            return
+        """Single mode, resending: wait (until the deadline) for a usable connection."""
         with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-            await self._connected.wait()
+            while not self._usable(self._active):
+                if self._connected.is_set():
+                    self._connected = anyio.Event()
+                await self._connected.wait()
+
+    @staticmethod
+    def _usable(conn: ClientConnection | None) -> bool:
+        return conn is not None and not conn.closed and not conn.draining and conn.responsive
 
     def _route(self, grain_id: GrainId, affinity: Affinity | None) -> ServerState:
         """candidates → affinity → strategy: the server a call goes to, or
@@ -483,7 +488,7 @@ class Client:
 
     def _route_single(self, grain_id: GrainId, affinity: Affinity | None) -> ServerState:
         conn = self._active
-        if conn is None or conn.closed or conn.draining or not conn.responsive:
+        if conn is None or not self._usable(conn):
             if self._connected.is_set():
                 self._connected = anyio.Event()  # resends wait for the next connection
             raise NoServerAvailable(self._unavailable(grain_id.interface))

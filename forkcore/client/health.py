@@ -101,7 +101,7 @@ class Ejector:
 class RetryBudget:
     """A token bucket: each retry takes a token, each success returns a fraction of one."""
 
-    def __init__(self, capacity: float = 10.0, refill_per_success: float = 0.1) -> None:
+    def __init__(self, capacity: float = 50.0, refill_per_success: float = 0.2) -> None:
         self.capacity = capacity
         self.refill = refill_per_success
         self.tokens = capacity
@@ -111,7 +111,7 @@ class RetryBudget:
             self.tokens = min(self.capacity, self.tokens + self.refill)
 
     def take(self) -> bool:
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= 1.0 - 1e-9:  # five successes of 0.2 make one token, float or not
+            self.tokens = max(0.0, self.tokens - 1.0)
             return True
         return False
