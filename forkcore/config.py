@@ -132,6 +132,10 @@ class ClientOptions:
                            doc="affinity policy plugin name")
     affinity_options: dict[str, Any] = option(factory=dict, types=(dict,),
                                               doc="keyword options for the affinity policy")
+    observers: list[Any] = option(factory=list, types=(list, tuple),
+                                  doc="observer plugin names (or, from Python, objects)")
+    observer_options: dict[str, Any] = option(factory=dict, types=(dict,),
+                                              doc="observer name -> its keyword options")
     connections_per_server: int = option(1, types=(int,), check=at_least_one,
                                          doc="connections to each server (multi mode)")
     request_timeout: float = option(10.0, types=NUMBER, check=positive,

@@ -35,3 +35,9 @@ def forkcore_register_conflict_resolvers(register: Register) -> None:
 def forkcore_register_affinity_policies(register: Register) -> None:
     """Register affinity policies: objects with `affinity(grain_id, servers)` and
     optionally `routed(grain_id, server_id)`."""
+
+
+@hookspec
+def forkcore_register_observers(register: Register) -> None:
+    """Register observers: objects with any of `call_started(grain_id, method, server_id)`,
+    `call_finished(context, error)` and `server_state_changed(view, old, new)`."""

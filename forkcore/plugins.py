@@ -23,6 +23,7 @@ KINDS: dict[str, str] = {
     "strategy": "forkcore_register_strategies",
     "conflict_resolver": "forkcore_register_conflict_resolvers",
     "affinity_policy": "forkcore_register_affinity_policies",
+    "observer": "forkcore_register_observers",
 }
 
 # Names we know of that live in distributions which may not be installed.
@@ -34,6 +35,7 @@ KNOWN_DISTRIBUTIONS: dict[tuple[str, str], str] = {
         "least_loaded")},
     ("affinity_policy", "sticky"): "forkcore-strategies",
     ("affinity_policy", "zone"): "forkcore-strategies",
+    ("observer", "opentelemetry"): "forkcore-opentelemetry",
 }
 
 _lock = threading.Lock()

@@ -40,6 +40,7 @@ from ..grains import (
     interface_spec,
     known_interface,
 )
+from ..observers import Observers
 from ..plugins import create, lookup
 from ..transport import split_endpoint
 from .connection import ClientConnection, NotSent, ServerRefused
@@ -123,7 +124,9 @@ class Client:
             self.affinity_policy.affinity
         self._policy_routed = getattr(self.affinity_policy, "routed", None)
         self.client_id = options.client_id or uuid.uuid4().hex
-        self._pool = Pool(self.conflict_resolver.resolve)
+        self._observers = Observers(self._build_observers(options, where))
+        self._watch_calls = self._observers.watches_calls
+        self._pool = Pool(self.conflict_resolver.resolve, self._observers.server_state_changed)
         self._active: ClientConnection | None = None
         self._last_error: str | None = None
         self._scopes: dict[str, list[anyio.CancelScope]] = {}
@@ -132,6 +135,21 @@ class Client:
         self._connected = anyio.Event()  # single mode: set while a connection is open
         self._ejector = Ejector(options.health, self._schedule_readmission)
         self._retry_budget = RetryBudget(options.health.retry_budget)
+
+    @staticmethod
+    def _build_observers(options: ClientOptions, where: str) -> list[Any]:
+        observers = []
+        for item in options.observers:
+            if isinstance(item, str):
+                extra = options.observer_options.get(item, {})
+                if not isinstance(extra, Mapping):
+                    raise ConfigError(f"{where} key 'observer_options': the options of "
+                                      f"{item!r} must be a table")
+                observers.append(create("observer", item, extra, where, "observers",
+                                        "observer_options"))
+            else:
+                observers.append(item)
+        return observers
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -409,17 +427,26 @@ class Client:
                                  method.delivery)
                 except NotSent:
                     continue
+                if self._watch_calls:
+                    self._observers.call_finished(self._observers.call_started(
+                        grain_id, method.name, state.view.id), None)
                 return None
             view = state.view
             view.in_flight += 1
+            watched = self._observers.call_started(grain_id, method.name, view.id) \
+                if self._watch_calls else None
+            error: BaseException | None = None
             try:
                 result = await conn.request(grain_id.interface, grain_id.key, method.name,
                                             args, kwargs, deadline)
-            except NotSent:
+            except NotSent as exc:
+                error = exc
                 continue  # never left: the next choice is safe
-            except ServerRefused:
+            except ServerRefused as exc:
+                error = exc
                 continue  # refused before running (draining, overloaded): safe too
             except ConnectError as exc:
+                error = exc
                 self._failed(state)
                 if method.idempotent and anyio.current_time() < deadline \
                         and self._retry_budget.take():
@@ -427,11 +454,17 @@ class Client:
                               exc)
                     continue
                 raise
-            except RequestTimeout:
+            except RequestTimeout as exc:
+                error = exc
                 self._failed(state)
+                raise
+            except BaseException as exc:
+                error = exc
                 raise
             finally:
                 view.in_flight -= 1
+                if watched is not None:
+                    self._observers.call_finished(watched, error)
             state.failures = 0
             self._retry_budget.success()
             return result

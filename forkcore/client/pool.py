@@ -56,8 +56,10 @@ Resolver = Callable[[str, Mapping[str, InterfaceInfo]], Collection[str]]
 class Pool:
     """Servers by id, their manifests, and the resolved candidates per interface."""
 
-    def __init__(self, resolve: Resolver) -> None:
+    def __init__(self, resolve: Resolver,
+                 on_state: Callable[[ServerView, str, str], None] | None = None) -> None:
         self._resolve = resolve
+        self._on_state = on_state
         self.states: dict[str, ServerState] = {}
         self._candidates: dict[str, list[ServerView]] = {}
         self.generation = 0
@@ -128,11 +130,14 @@ class Pool:
             new_state = "healthy"
         healthy = new_state == "healthy"
         if new_state != view.state or healthy != view.healthy:
-            if view.state != "connecting" or new_state != "unhealthy":
-                log.info("server %s: %s -> %s", view.id, view.state, new_state)
+            old_state = view.state
+            if old_state != "connecting" or new_state != "unhealthy":
+                log.info("server %s: %s -> %s", view.id, old_state, new_state)
             view.state = new_state
             view.healthy = healthy
             self.changed()
+            if self._on_state is not None and old_state != new_state:
+                self._on_state(view, old_state, new_state)
 
     def refresh(self, state: ServerState) -> None:
         """Re-evaluate one server (e.g. when its ejection ends)."""
