@@ -16,6 +16,7 @@ from .grains import (
 )
 from .hookspecs import hookimpl
 from .protocol.codec import WireTypeError, wire_type
+from .security import Identity, Role, current_caller, requires_role
 from .server.server import Server
 
 __version__ = "0.1.0"
@@ -28,14 +29,18 @@ __all__ = [
     "Grain",
     "GrainId",
     "GrainInterface",
+    "Identity",
     "InterfaceInfo",
+    "Role",
     "Server",
     "ServerView",
     "WireTypeError",
+    "current_caller",
     "errors",
     "hookimpl",
     "load_config",
     "reentrant",
+    "requires_role",
     "rpc",
     "wire_type",
 ]

@@ -83,6 +83,11 @@ def endpoint(v: Any) -> str | None:
     return endpoint_list([v])
 
 
+def role_name(v: Any) -> str | None:
+    roles = ("anonymous", "guest", "user", "server", "admin")
+    return None if v in roles else f"must be one of {', '.join(roles)}"
+
+
 def str_list(v: Any) -> str | None:
     return None if all(isinstance(e, str) for e in v) else "must be a list of strings"
 
@@ -111,8 +116,32 @@ class HealthOptions:
 
 @attrs.frozen
 class SecurityOptions:
+    """`[client.security]`: how the client proves who it is."""
+
     psk: str | None = option(None, types=(str,), doc="pre-shared key (at least 16 bytes)")
     psk_file: str | None = option(None, types=(str,), doc="file holding the pre-shared key")
+    identity: str = option("client", types=(str,), check=non_empty,
+                           doc="name this client gives with the pre-shared key")
+    token: str | None = option(None, types=(str,),
+                               doc="token for the server's authenticator plugin")
+
+
+@attrs.frozen
+class ServerSecurityOptions:
+    """`[server.security]`: who may connect, and with which role."""
+
+    psk: str | None = option(None, types=(str,),
+                             doc="pre-shared key every client must prove (at least 16 bytes)")
+    psk_file: str | None = option(None, types=(str,), doc="file holding the pre-shared key")
+    psk_role: str = option("user", types=(str,), check=role_name,
+                           doc="role of clients that proved the pre-shared key")
+    allow_anonymous: bool = option(True, types=(bool,),
+                                   doc="accept clients that do not authenticate (role "
+                                       "anonymous); false: refuse them")
+    authenticator: str | None = option(None, types=(str,),
+                                       doc="authenticator plugin that validates client tokens")
+    authenticator_options: dict[str, Any] = option(
+        factory=dict, types=(dict,), doc="keyword options for the authenticator factory")
 
 
 @attrs.frozen
@@ -181,11 +210,24 @@ class ServerOptions:
                                 doc="calls in flight per connection; the excess is refused")
     max_depth: int = option(64, types=(int,), check=at_least_one,
                             doc="maximum nesting depth of a received value")
-    security: SecurityOptions = option(factory=SecurityOptions, types=(SecurityOptions,),
-                                       doc="[server.security] table")
+    security: ServerSecurityOptions = option(factory=ServerSecurityOptions,
+                                             types=(ServerSecurityOptions,),
+                                             doc="[server.security] table")
+    max_connections: int = option(10_000, types=(int,), check=at_least_one,
+                                  doc="client connections open at once; more are closed")
+    max_connections_per_address: int = option(
+        1_000, types=(int,), check=at_least_one,
+        doc="client connections open at once from one source address")
+    max_activations: int = option(1_000_000, types=(int,), check=at_least_one,
+                                  doc="activations at once; the least recently used idle "
+                                      "ones are deactivated to make room")
 
 
-_NESTED: dict[str, type] = {"health": HealthOptions, "security": SecurityOptions}
+_NESTED: dict[tuple[type, str], type] = {
+    (ClientOptions, "health"): HealthOptions,
+    (ClientOptions, "security"): SecurityOptions,
+    (ServerOptions, "security"): ServerSecurityOptions,
+}
 
 
 def build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
@@ -202,7 +244,7 @@ def build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     values: dict[str, Any] = {}
     for name, value in data.items():
         field = fields[name]
-        nested = _NESTED.get(name)
+        nested = _NESTED.get((cls, name))
         if nested is not None and not isinstance(value, nested):
             if value is None:
                 continue

@@ -41,3 +41,9 @@ def forkcore_register_affinity_policies(register: Register) -> None:
 def forkcore_register_observers(register: Register) -> None:
     """Register observers: objects with any of `call_started(grain_id, method, server_id)`,
     `call_finished(context, error)` and `server_state_changed(view, old, new)`."""
+
+
+@hookspec
+def forkcore_register_authenticators(register: Register) -> None:
+    """Register authenticators: objects with `authenticate(token, peer)` returning a
+    `forkcore.Identity` (or an awaitable of one) when the token is valid, else None."""

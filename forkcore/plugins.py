@@ -24,6 +24,7 @@ KINDS: dict[str, str] = {
     "conflict_resolver": "forkcore_register_conflict_resolvers",
     "affinity_policy": "forkcore_register_affinity_policies",
     "observer": "forkcore_register_observers",
+    "authenticator": "forkcore_register_authenticators",
 }
 
 # Names we know of that live in distributions which may not be installed.

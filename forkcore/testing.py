@@ -50,6 +50,7 @@ async def cluster(grains: Iterable[Any], *, servers: int = 1, transport: str = "
     client connected to them; stop everything on exit."""
     grains = list(grains)
     stop = anyio.Event()
+    error: Exception | None = None
     async with anyio.create_task_group() as tg:
         try:
             running = [await tg.start(_host, Server(id=f"s{i + 1}", transport=transport,
@@ -59,9 +60,14 @@ async def cluster(grains: Iterable[Any], *, servers: int = 1, transport: str = "
             options = {"servers": [s.endpoint for s in running], "transport": transport,
                        **dict(client_options or {})}
             async with Client(**options) as client:
-                yield Cluster(running, client)
+                try:
+                    yield Cluster(running, client)
+                except Exception as exc:
+                    error = exc  # re-raised as is, not wrapped in an exception group
         finally:
             stop.set()
+    if error is not None:
+        raise error
 
 
 @pytest.fixture

@@ -117,14 +117,19 @@ class StreamChannel:
     ) -> AsyncIterator[StreamChannel]:
         """Run the channel's writer for the duration of the block; flush, then close."""
         channel = cls(stream, peer, max_frame_size)
+        error: Exception | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(channel._write_loop)
             try:
                 yield channel
+            except Exception as exc:
+                error = exc  # re-raised below, not wrapped in the task group's group
             finally:
                 with anyio.CancelScope(shield=True):
                     await channel._flush_and_close()
                 tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
 
     def send(self, body: bytes, delivery: str = "reliable") -> None:
         if self._closed:

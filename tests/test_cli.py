@@ -393,7 +393,9 @@ def test_configuration_error(tmp_path: Path, command: str, text: str,
     args = ["call", "-c", str(config), "test.counter", "k", "get"] if command == "call" \
         else [command, "-c", str(config)]
     started = time.monotonic()
-    result = run_cli(*args, cwd=tmp_path, timeout=10)
+    # the udp plugin may be installed: hide installed plugins to see the install hint
+    env = cli_env(FORKCORE_DISABLE_PLUGIN_AUTOLOAD="1") if "udp" in words else None
+    result = run_cli(*args, cwd=tmp_path, timeout=10, env=env)
     assert_one_line_error(result, str(config), *words)
     # a configuration error is found before anything connects or listens
     assert time.monotonic() - started < 8

@@ -93,10 +93,15 @@ def test_missing_file(tmp_path: Path) -> None:
         forkcore.load_config(tmp_path / "absent.toml")
 
 
-def test_plugin_names_resolve_when_the_client_is_built(tmp_path: Path) -> None:
-    path = write(tmp_path, '[client]\nservers = ["127.0.0.1:1"]\ntransport = "udp"\n')
-    with pytest.raises(PluginNotFound, match="forkcore-transport-udp"):
+def test_plugin_names_resolve_when_the_client_is_built(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(forkcore.plugins.KNOWN_DISTRIBUTIONS, ("transport", "carrier"),
+                        "forkcore-transport-carrier")
+    path = write(tmp_path, '[client]\nservers = ["127.0.0.1:1"]\ntransport = "carrier"\n')
+    with pytest.raises(PluginNotFound) as info:
         forkcore.Client.from_config(path)
+    assert "pip install forkcore-transport-carrier" in str(info.value)
+    assert str(path) in str(info.value) and "key 'transport'" in str(info.value)
 
 
 def test_from_config_needs_its_table(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from ..errors import (
     NoServerAvailable,
     PluginNotFound,
     RequestTimeout,
+    Unauthorized,
 )
 from ..grains import (
     Affinity,
@@ -42,6 +43,7 @@ from ..grains import (
 )
 from ..observers import Observers
 from ..plugins import create, lookup
+from ..security import load_psk
 from ..transport import split_endpoint
 from .connection import ClientConnection, NotSent, ServerRefused
 from .health import Ejector, RetryBudget, heartbeat
@@ -98,9 +100,8 @@ class Client:
         return client
 
     def _init(self, options: ClientOptions, where: str) -> None:
-        if options.security.psk or options.security.psk_file:
-            raise ConfigError("[client.security]: pre-shared keys are not supported by this "
-                              "version of forkcore; remove the table")
+        self._psk = load_psk(options.security.psk, options.security.psk_file,
+                             f"{where}.security")
         self.options = options
         self.mode = options.mode
         self.transport = create("transport", options.transport, options.transport_options,
@@ -163,6 +164,9 @@ class Client:
             else:
                 outcomes = await self._open(self.options.servers)
                 if not any(isinstance(o, str) for o in outcomes):
+                    refusals = [o for o in outcomes if isinstance(o, Unauthorized)]
+                    if refusals:
+                        raise refusals[0]
                     raise ConnectError("could not connect to any server: " + "; ".join(
                         str(o) for o in outcomes))
         except BaseException:
@@ -190,7 +194,8 @@ class Client:
         connect_timeout = self.options.connect_timeout
         async with self.transport.connect(endpoint, timeout=connect_timeout) as channel:
             conn = await ClientConnection.handshake(channel, endpoint, self.client_id,
-                                                    connect_timeout)
+                                                    connect_timeout, self.options.security,
+                                                    self._psk)
             self._pool.attach(conn)
             on_open(conn)
             try:
@@ -243,6 +248,12 @@ class Client:
                 position = (index + offset) % len(endpoints)
                 try:
                     conn = await self._session(endpoints[position], opened)
+                except Unauthorized as exc:
+                    if not started:
+                        raise
+                    errors.append(str(exc))
+                    self._last_error = str(exc)
+                    continue
                 except ConnectError as exc:
                     errors.append(str(exc))
                     self._last_error = str(exc)
@@ -265,10 +276,10 @@ class Client:
         log.warning("lost connection to server %s at %s (%s); reconnecting", conn.server_id,
                     conn.endpoint, conn.last_error)
 
-    async def _open(self, endpoints: Sequence[str]) -> list[str | ConnectError]:
+    async def _open(self, endpoints: Sequence[str]) -> list[str | ForkcoreError]:
         """Start `connections_per_server` maintainers per endpoint, all in parallel; each
         outcome is the server id connected to or the error of the first attempt."""
-        outcomes: list[str | ConnectError] = []
+        outcomes: list[str | ForkcoreError] = []
 
         async def start(endpoint: str) -> None:
             outcomes.append(await self._tg.start(self._maintain_endpoint, endpoint))
@@ -282,7 +293,7 @@ class Client:
 
     async def _maintain_endpoint(
         self, endpoint: str, *,
-        task_status: anyio.abc.TaskStatus[str | ConnectError] = anyio.TASK_STATUS_IGNORED
+        task_status: anyio.abc.TaskStatus[str | ForkcoreError] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Keep one connection to `endpoint` open (multi mode), reconnecting with jittered
         exponential backoff, until the endpoint's server is removed or the client closes."""
@@ -308,7 +319,7 @@ class Client:
                             log.warning("lost connection to server %s at %s (%s); "
                                         "reconnecting", conn.server_id, endpoint,
                                         conn.last_error)
-                    except ConnectError as exc:
+                    except (ConnectError, Unauthorized) as exc:
                         self._last_error = str(exc)
                         if not started:
                             started = True
@@ -334,6 +345,8 @@ class Client:
             if isinstance(outcome, str):
                 return outcome
         self._retire_endpoint(endpoint)
+        if isinstance(outcomes[0], Unauthorized):
+            raise Unauthorized(f"add_server({endpoint!r}): {outcomes[0]}")
         raise ConnectError(f"add_server({endpoint!r}): {outcomes[0]}")
 
     async def remove_server(self, server_id: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from ..config import SecurityOptions
 from ..errors import (
     ConnectError,
     ForkcoreError,
@@ -28,6 +29,8 @@ from ..grains import Key
 from ..protocol.connection import ProtocolConnection
 from ..protocol.messages import (
     PROTOCOL_VERSION,
+    AuthChallenge,
+    AuthProof,
     Cancel,
     Failure,
     Goodbye,
@@ -39,6 +42,7 @@ from ..protocol.messages import (
     Response,
     Welcome,
 )
+from ..security import SessionCipher, new_nonce, proof, proofs_match
 from ..transport import Channel
 from .health import peak_ewma
 
@@ -112,19 +116,69 @@ class ClientConnection:
 
     @classmethod
     async def handshake(cls, channel: Channel, endpoint: str, client_id: str,
-                        timeout: float) -> ClientConnection:
+                        timeout: float, security: SecurityOptions | None = None,
+                        psk: bytes | None = None) -> ClientConnection:
+        """Hello → [AuthChallenge → AuthProof] → Welcome, within `timeout` seconds."""
         proto = ProtocolConnection("client")
+        identity = security.identity if security is not None else "client"
+        auth: dict[str, Any] = {}
+        client_nonce = new_nonce()
+        if psk is not None:
+            auth.update(method="psk", nonce=client_nonce, identity=identity)
+        if security is not None and security.token is not None:
+            auth["token"] = security.token
         try:
             with anyio.fail_after(timeout):
-                channel.send(proto.encode(Hello(PROTOCOL_VERSION, client_id, ())))
+                channel.send(proto.encode(Hello(PROTOCOL_VERSION, client_id, (),
+                                                auth or None)))
                 msg = proto.decode(await channel.receive())
+                challenged = isinstance(msg, AuthChallenge)
+                if isinstance(msg, AuthChallenge):
+                    msg = await cls._prove(channel, proto, endpoint, psk, client_nonce,
+                                           identity, msg)
         except TimeoutError:
             raise ConnectError(f"{endpoint} did not complete the handshake within {timeout:g}s; "
                                "is it a forkcore server of the same transport?") from None
         except ProtocolError as exc:
             raise ConnectError(f"{endpoint} answered the handshake badly: {exc}") from None
+        if isinstance(msg, Goodbye):
+            if msg.reason.startswith("unauthorized"):
+                raise Unauthorized(f"{endpoint} refused the connection: {msg.reason}")
+            raise ConnectError(f"{endpoint} closed the connection: {msg.reason}")
         assert isinstance(msg, Welcome)
+        if psk is not None and not challenged:
+            raise Unauthorized(f"{endpoint} did not ask for the pre-shared key, so it cannot "
+                               "prove it is one of ours: configure the same psk on the "
+                               "server")
         return cls(channel, endpoint, msg, proto)
+
+    @staticmethod
+    async def _prove(channel: Channel, proto: ProtocolConnection, endpoint: str,
+                     psk: bytes | None, client_nonce: bytes, identity: str,
+                     challenge: AuthChallenge) -> Any:
+        """Check the server's proof, send ours, and read the (encrypted) Welcome."""
+        if psk is None:
+            raise ConnectError(f"{endpoint} asked for a pre-shared key this client was not "
+                               "given")
+        server_nonce = challenge.nonce
+        expected = proof(psk, "server", client_nonce, server_nonce, identity)
+        if not proofs_match(expected, challenge.proof):
+            channel.send(proto.encode(Goodbye("unauthorized: wrong pre-shared key")))
+            raise Unauthorized(f"{endpoint} does not know this client's pre-shared key "
+                               "(its proof is wrong): check psk on both sides")
+        channel.send(proto.encode(AuthProof(
+            proof(psk, "client", client_nonce, server_nonce, identity))))
+        raw = await channel.receive()
+        if getattr(channel, "secure", False):
+            return proto.decode(raw)
+        cipher = SessionCipher(psk, client_nonce, server_nonce, "client")
+        try:
+            body = cipher.open(raw)
+        except ProtocolError:
+            return proto.decode(raw)  # a refusal, sent before the session was keyed
+        msg = proto.decode(body)
+        proto.cipher = cipher
+        return msg
 
     @property
     def server_id(self) -> str:
@@ -190,33 +244,33 @@ class ClientConnection:
         reason = "closed"
         try:
             while True:
-                msg = self.proto.decode(await self.channel.receive())
+                msg: Any = self.proto.decode(await self.channel.receive())
                 self.last_heard = anyio.current_time()
                 if not self.responsive:
                     self.set_responsive(True)
                 t = type(msg)
                 if t is Response:
-                    p = self.pending.pop(msg.id, None)  # type: ignore[union-attr]
+                    p = self.pending.pop(msg.id, None)
                     if p is not None:
-                        p.resolve(msg.result)  # type: ignore[union-attr]
+                        p.resolve(msg.result)
                 elif t is Failure:
-                    p = self.pending.pop(msg.id, None)  # type: ignore[union-attr]
+                    p = self.pending.pop(msg.id, None)
                     if p is not None:
-                        p.fail(failure_error(msg))  # type: ignore[arg-type]
+                        p.fail(failure_error(msg))
                 elif t is Pong:
                     now = self.last_heard
-                    sample = now - msg.sent_at  # type: ignore[union-attr]
+                    sample = now - msg.sent_at
                     if 0 <= sample < 3600:
                         self.rtt = peak_ewma(self.rtt, sample, now - self._rtt_at)
                         self._rtt_at = now
                         if self.on_change is not None:
                             self.on_change(self)
                 elif t is Ping:
-                    self.channel.send(self.proto.encode(Pong(msg.nonce, msg.sent_at)))  # type: ignore[union-attr]
+                    self.channel.send(self.proto.encode(Pong(msg.nonce, msg.sent_at)))
                 elif t is Goodbye:
                     self.draining = True
                     log.info("server %s (%s) says goodbye: %s", self.server_id, self.endpoint,
-                             msg.reason)  # type: ignore[union-attr]
+                             msg.reason)
                     if self.on_change is not None:
                         self.on_change(self)
                 else:

@@ -12,8 +12,19 @@ from enum import Enum
 from typing import Literal
 
 from ..errors import ProtocolError
+from ..security import SessionCipher
 from . import codec
-from .messages import PROTOCOL_VERSION, Goodbye, Hello, Message, Welcome, from_wire, to_wire
+from .messages import (
+    PROTOCOL_VERSION,
+    AuthChallenge,
+    AuthProof,
+    Goodbye,
+    Hello,
+    Message,
+    Welcome,
+    from_wire,
+    to_wire,
+)
 
 
 class State(Enum):
@@ -25,7 +36,8 @@ class State(Enum):
 class ProtocolConnection:
     """One side of one connection."""
 
-    __slots__ = ("max_depth", "peer_hello", "peer_welcome", "role", "state")
+    __slots__ = ("_expect", "cipher", "max_depth", "peer_hello", "peer_welcome", "role",
+                 "state")
 
     def __init__(
         self, role: Literal["client", "server"], *, max_depth: int = codec.DEFAULT_MAX_DEPTH
@@ -35,25 +47,40 @@ class ProtocolConnection:
         self.max_depth = max_depth
         self.peer_hello: Hello | None = None
         self.peer_welcome: Welcome | None = None
+        self.cipher: SessionCipher | None = None  # set once a PSK session is established
+        # what the peer may send next during the handshake
+        self._expect: tuple[type, ...] = (Hello,) if role == "server" else (
+            Welcome, AuthChallenge)
 
     def encode(self, msg: Message) -> bytes:
         """The frame body for `msg`; raises `WireTypeError` for values that cannot cross.
 
         Goodbye may be sent in any state, even after a protocol error closed the
         connection, so the peer learns why it is being dropped."""
-        if self.state is not State.OPEN and type(msg) is not Goodbye:
-            expected = Hello if self.role == "client" else Welcome
-            if self.state is State.CLOSED or type(msg) is not expected:
-                raise ProtocolError(f"cannot send {type(msg).__name__} in state {self.state.value}")
-            if self.role == "server":
+        t = type(msg)
+        if self.state is not State.OPEN and t is not Goodbye:
+            allowed = (Hello, AuthProof) if self.role == "client" else (AuthChallenge, Welcome)
+            if self.state is State.CLOSED or t not in allowed:
+                raise ProtocolError(f"cannot send {t.__name__} in state {self.state.value}")
+            if t is Welcome:
                 self.state = State.OPEN
-        return codec.encode(to_wire(msg))
+            elif t is AuthChallenge:
+                self._expect = (AuthProof,)
+        body = codec.encode(to_wire(msg))
+        cipher = self.cipher
+        return body if cipher is None else cipher.seal(body)
 
     def decode(self, body: bytes) -> Message:
-        """The message in one frame body; a `ProtocolError` closes the connection."""
+        """The message in one frame body; a `ProtocolError` closes the connection.
+
+        During the handshake a Goodbye is returned (the connection is then closed), so
+        the caller can report the peer's reason."""
         if self.state is State.CLOSED:
             raise ProtocolError("connection is closed")
         try:
+            cipher = self.cipher
+            if cipher is not None:
+                body = cipher.open(body)
             msg = from_wire(codec.decode(body, max_depth=self.max_depth))
             if self.state is State.HANDSHAKE:
                 self._handshake(msg)
@@ -64,19 +91,28 @@ class ProtocolConnection:
 
     def _handshake(self, msg: Message) -> None:
         if isinstance(msg, Goodbye):
-            raise ProtocolError(f"peer said goodbye during the handshake: {msg.reason}")
+            self.state = State.CLOSED
+            return
+        if not isinstance(msg, self._expect):
+            expected = " or ".join(t.__name__ for t in self._expect)
+            raise ProtocolError(f"expected {expected}, got {type(msg).__name__}")
+        if isinstance(msg, AuthChallenge):
+            self._expect = (Welcome,)
+            return
+        if isinstance(msg, AuthProof):
+            self._expect = ()
+            return
         if self.role == "server":
-            if not isinstance(msg, Hello):
-                raise ProtocolError(f"expected Hello first, got {type(msg).__name__}")
+            assert isinstance(msg, Hello)
             if msg.version != PROTOCOL_VERSION:
                 raise ProtocolError(
                     f"client speaks protocol version {msg.version}, this server speaks "
                     f"{PROTOCOL_VERSION}: upgrade the older side"
                 )
             self.peer_hello = msg
+            self._expect = ()
         else:
-            if not isinstance(msg, Welcome):
-                raise ProtocolError(f"expected Welcome first, got {type(msg).__name__}")
+            assert isinstance(msg, Welcome)
             if msg.version != PROTOCOL_VERSION:
                 raise ProtocolError(
                     f"server speaks protocol version {msg.version}, this client speaks "

@@ -19,7 +19,8 @@ from ..grains import KEY_TYPES, InterfaceInfo, Key
 
 PROTOCOL_VERSION = 1
 
-HELLO, WELCOME, REQUEST, RESPONSE, FAILURE, ONE_WAY, PING, PONG, GOODBYE, CANCEL = range(1, 11)
+(HELLO, WELCOME, REQUEST, RESPONSE, FAILURE, ONE_WAY, PING, PONG, GOODBYE, CANCEL,
+ AUTH_CHALLENGE, AUTH_PROOF) = range(1, 13)
 
 
 @attrs.frozen(slots=True)
@@ -108,7 +109,24 @@ class Cancel:
     id: int
 
 
-Message = Hello | Welcome | Request | Response | Failure | OneWay | Ping | Pong | Goodbye | Cancel
+@attrs.frozen(slots=True)
+class AuthChallenge:
+    """Server → client, answer to a Hello offering a pre-shared key: the server's nonce
+    and its proof that it knows the key."""
+
+    nonce: bytes
+    proof: bytes
+
+
+@attrs.frozen(slots=True)
+class AuthProof:
+    """Client → server: the client's proof that it knows the key."""
+
+    proof: bytes
+
+
+Message = (Hello | Welcome | Request | Response | Failure | OneWay | Ping | Pong | Goodbye
+           | Cancel | AuthChallenge | AuthProof)
 
 # Failure kinds: which error the caller raises.
 FAIL_REMOTE = "remote"  # the grain raised; RemoteError(type_name, message)
@@ -155,6 +173,12 @@ def to_wire(msg: Message) -> list[Any]:
     if t is Cancel:
         assert isinstance(msg, Cancel)
         return [CANCEL, msg.id]
+    if t is AuthChallenge:
+        assert isinstance(msg, AuthChallenge)
+        return [AUTH_CHALLENGE, msg.nonce, msg.proof]
+    if t is AuthProof:
+        assert isinstance(msg, AuthProof)
+        return [AUTH_PROOF, msg.proof]
     raise TypeError(f"not a protocol message: {msg!r}")
 
 
@@ -231,6 +255,12 @@ def _manifest(v: Any) -> tuple[InterfaceInfo, ...]:
     return tuple(out)
 
 
+def _bytes(v: Any, what: str, limit: int = 64) -> bytes:
+    if not isinstance(v, bytes) or len(v) > limit:
+        raise _bad(f"{what} must be at most {limit} bytes")
+    return v
+
+
 def _timeout(v: Any) -> float | None:
     if v is None:
         return None
@@ -268,6 +298,8 @@ _LAYOUTS: dict[int, tuple[int, Callable[[list[Any]], Message]]] = {
     PONG: (3, lambda a: Pong(_int(a[1], "nonce"), _num(a[2], "timestamp"))),
     GOODBYE: (2, lambda a: Goodbye(_str(a[1], "reason", 65536))),
     CANCEL: (2, lambda a: Cancel(_id(a[1]))),
+    AUTH_CHALLENGE: (3, lambda a: AuthChallenge(_bytes(a[1], "nonce"), _bytes(a[2], "proof"))),
+    AUTH_PROOF: (2, lambda a: AuthProof(_bytes(a[1], "proof"))),
 }
 
 

@@ -8,7 +8,7 @@ a small object, not a task. Reentrant methods start at once instead of queueing.
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,6 +16,7 @@ import anyio
 import anyio.abc
 
 from ..grains import Grain, GrainId, InterfaceSpec, Key, is_reentrant
+from ..security import ANONYMOUS, Identity, reset_caller, set_caller
 
 log = logging.getLogger("forkcore.server.catalog")
 
@@ -26,10 +27,12 @@ Reply = Callable[[bool, Any], None]
 class Call:
     """One call waiting for or running on an activation."""
 
-    __slots__ = ("args", "cancelled", "deadline", "kwargs", "method", "reply", "scope")
+    __slots__ = ("args", "caller", "cancelled", "deadline", "kwargs", "method", "reply",
+                 "scope")
 
     def __init__(self, method: str, args: list[Any], kwargs: dict[str, Any], deadline: float,
-                 reply: Reply | None) -> None:
+                 reply: Reply | None, caller: Identity = ANONYMOUS) -> None:
+        self.caller = caller
         self.method = method
         self.args = args
         self.kwargs = kwargs
@@ -67,10 +70,12 @@ class Catalog:
     """Activations of the grains one server hosts, and the tasks that run their calls."""
 
     def __init__(self, hosted: Mapping[str, tuple[InterfaceSpec, type[Grain]]],
-                 task_group: anyio.abc.TaskGroup) -> None:
+                 task_group: anyio.abc.TaskGroup, max_activations: int = 1_000_000) -> None:
         self.hosted = hosted
         self._tg = task_group
-        self.activations: dict[GrainId, Activation] = {}
+        self.max_activations = max_activations
+        # least recently used first, so making room is O(1) in the common case
+        self.activations: OrderedDict[GrainId, Activation] = OrderedDict()
         self.running_calls = 0
         self._calls_done = anyio.Event()
         self._calls_done.set()
@@ -84,7 +89,11 @@ class Catalog:
         grain_id = GrainId(interface, key)
         act = self.activations.get(grain_id)
         if act is None:
+            if len(self.activations) >= self.max_activations:
+                self._make_room()
             act = self._create(grain_id)
+        else:
+            self.activations.move_to_end(grain_id)
         act.last_used = anyio.current_time()
         self._started()
         if is_reentrant(self.hosted[interface][1], call.method):
@@ -105,6 +114,16 @@ class Catalog:
         act = Activation(grain, grain_id, anyio.current_time())
         self.activations[grain_id] = act
         return act
+
+    def _make_room(self) -> None:
+        """Drop the least recently used idle activation (deactivated in the background)."""
+        for act in self.activations.values():
+            if act.idle:
+                del self.activations[act.grain_id]
+                self._tg.start_soon(self._deactivate, act)
+                return
+        log.warning("all %d activations are busy; exceeding max_activations",
+                    len(self.activations))
 
     def _started(self) -> None:
         if self.running_calls == 0:
@@ -178,36 +197,43 @@ class Catalog:
         try:
             if call.cancelled:
                 return
-            remaining = call.deadline - anyio.current_time()
-            if remaining <= 0:
+            if call.deadline <= anyio.current_time():
                 if call.reply is not None:
                     call.reply(False, ("timeout", "RequestTimeout",
                                        "the call's deadline passed while it waited in the "
                                        "grain's queue"))
                 return
-            method = getattr(act.grain, call.method)
-            with anyio.CancelScope(deadline=call.deadline) as scope:
-                call.scope = scope
-                try:
-                    result = await method(*call.args, **call.kwargs)
-                except Exception as exc:
-                    if call.reply is not None:
-                        call.reply(False, ("remote", type(exc).__name__, str(exc)))
-                    elif not isinstance(exc, anyio.get_cancelled_exc_class()):
-                        log.warning("one-way call %s.%s failed: %s: %s", act.grain_id,
-                                    call.method, type(exc).__name__, exc)
-                    return
-                if call.reply is not None:
-                    call.reply(True, result)
-                return
-            if call.reply is not None and not call.cancelled:
-                call.reply(False, ("timeout", "RequestTimeout",
-                                   f"the grain did not finish {call.method} before the "
-                                   "caller's deadline; the work was cancelled"))
+            token = set_caller(call.caller)  # forkcore.current_caller() in grain code
+            try:
+                await self._invoke(act, call)
+            finally:
+                reset_caller(token)
         finally:
             call.scope = None
             act.last_used = anyio.current_time()
             self._finished()
+
+    async def _invoke(self, act: Activation, call: Call) -> None:
+        """Run the grain method within the caller's deadline and reply."""
+        method = getattr(act.grain, call.method)
+        with anyio.CancelScope(deadline=call.deadline) as scope:
+            call.scope = scope
+            try:
+                result = await method(*call.args, **call.kwargs)
+            except Exception as exc:
+                if call.reply is not None:
+                    call.reply(False, ("remote", type(exc).__name__, str(exc)))
+                else:
+                    log.warning("one-way call %s.%s failed: %s: %s", act.grain_id,
+                                call.method, type(exc).__name__, exc)
+                return
+            if call.reply is not None:
+                call.reply(True, result)
+            return
+        if call.reply is not None and not call.cancelled:
+            call.reply(False, ("timeout", "RequestTimeout",
+                               f"the grain did not finish {call.method} before the "
+                               "caller's deadline; the work was cancelled"))
 
     # -- collection -----------------------------------------------------------------------
 

@@ -16,15 +16,18 @@ import anyio
 import anyio.abc
 
 from ..config import ServerOptions, load_config, options_from_kwargs
-from ..errors import ConfigError, ConnectError, ForkcoreError, ProtocolError
+from ..errors import ConfigError, ConnectError, ForkcoreError, ProtocolError, Unauthorized
 from ..grains import Grain, InterfaceSpec
 from ..plugins import create
 from ..protocol import codec
 from ..protocol.connection import ProtocolConnection
 from ..protocol.messages import (
     FAIL_NOT_FOUND,
+    FAIL_UNAUTHORIZED,
     FAIL_UNAVAILABLE,
     PROTOCOL_VERSION,
+    AuthChallenge,
+    AuthProof,
     Cancel,
     Failure,
     Goodbye,
@@ -35,6 +38,18 @@ from ..protocol.messages import (
     Request,
     Response,
     Welcome,
+)
+from ..security import (
+    ANONYMOUS,
+    NONCE_SIZE,
+    Identity,
+    Role,
+    SessionCipher,
+    load_psk,
+    new_nonce,
+    proof,
+    proofs_match,
+    required_role,
 )
 from ..transport import Channel, StreamChannel
 from .catalog import Call, Catalog
@@ -97,7 +112,7 @@ def host_table(classes: Iterable[type[Grain]]) -> dict[str, tuple[InterfaceSpec,
 class ServerConnection:
     """One accepted client connection: handshake, then requests until it closes."""
 
-    __slots__ = ("calls", "channel", "client_id", "proto", "scope", "server")
+    __slots__ = ("calls", "channel", "client_id", "identity", "proto", "scope", "server")
 
     def __init__(self, server: Server, channel: Channel) -> None:
         self.server = server
@@ -105,6 +120,7 @@ class ServerConnection:
         self.proto = ProtocolConnection("server", max_depth=server.options.max_depth)
         self.calls: dict[int, Call] = {}
         self.client_id = "?"
+        self.identity = ANONYMOUS
         self.scope = anyio.CancelScope()
 
     def send(self, msg: Any) -> None:
@@ -141,8 +157,17 @@ class ServerConnection:
             try:
                 with anyio.fail_after(server.options.handshake_timeout):
                     hello = self.proto.decode(await self.channel.receive())
-                assert isinstance(hello, Hello)
-                self.client_id = hello.client_id
+                    if not isinstance(hello, Hello):
+                        return  # a Goodbye before anything else
+                    self.client_id = hello.client_id
+                    try:
+                        self.identity = await self.authenticate(hello)
+                    except Unauthorized as exc:
+                        server.refused(peer, str(exc))
+                        self.send(Goodbye(f"unauthorized: {exc}"))
+                        with anyio.move_on_after(0.5):
+                            await self.channel.drain()
+                        return
                 self.send(server.welcome)
                 if server.draining:
                     self.send(Goodbye("draining"))
@@ -162,6 +187,43 @@ class ServerConnection:
                         pass
             except ConnectError:
                 pass
+
+    async def authenticate(self, hello: Hello) -> Identity:
+        """The connection's identity from its Hello (and, with a pre-shared key, one more
+        round trip); `Unauthorized` with the reason when it may not connect."""
+        server = self.server
+        auth = hello.auth or {}
+        identity = ANONYMOUS
+        key = server.psk
+        if key is not None:
+            client_nonce = auth.get("nonce")
+            name = auth.get("identity", "client")
+            if auth.get("method") != "psk" or not isinstance(client_nonce, bytes) \
+                    or len(client_nonce) != NONCE_SIZE or not isinstance(name, str):
+                raise Unauthorized("this server requires the cluster's pre-shared key: set "
+                                   "psk or psk_file in [client.security]")
+            server_nonce = new_nonce()
+            self.send(AuthChallenge(server_nonce,
+                                    proof(key, "server", client_nonce, server_nonce, name)))
+            answer = self.proto.decode(await self.channel.receive())
+            if not isinstance(answer, AuthProof) or not proofs_match(
+                    proof(key, "client", client_nonce, server_nonce, name), answer.proof):
+                raise Unauthorized("wrong pre-shared key")
+            if not getattr(self.channel, "secure", False):
+                self.proto.cipher = SessionCipher(key, client_nonce, server_nonce, "server")
+            identity = Identity(name[:128], server.psk_role, "psk")
+        token = auth.get("token")
+        if token is not None and server.authenticator is not None:
+            result = server.authenticator.authenticate(token, self.channel.peer)
+            if inspect.isawaitable(result):
+                result = await result
+            if not isinstance(result, Identity):
+                raise Unauthorized("the token was not accepted")
+            identity = result
+        if not identity.authenticated and not server.allow_anonymous:
+            raise Unauthorized("this server requires authentication (a pre-shared key or a "
+                               "token in [client.security])")
+        return identity
 
     def handle(self, msg: Any) -> None:
         t = type(msg)
@@ -190,6 +252,13 @@ class ServerConnection:
         if complaint is not None:
             self.send(Failure(req.id, FAIL_NOT_FOUND, "MethodNotFound", complaint))
             return
+        required = server.roles[(req.interface, req.method)]
+        if required > self.identity.role:
+            self.send(Failure(req.id, FAIL_UNAUTHORIZED, "Unauthorized",
+                              f"{req.interface}.{req.method} requires role "
+                              f"'{required.name.lower()}'; this connection is "
+                              f"'{self.identity.role.name.lower()}' ({self.identity.name})"))
+            return
         if server.draining:
             self.send(Failure(req.id, FAIL_UNAVAILABLE, "ServerDraining",
                               f"server {server.id} is shutting down; call another server"))
@@ -200,7 +269,8 @@ class ServerConnection:
                               "one connection; wait for some to finish"))
             return
         deadline = math.inf if req.timeout is None else anyio.current_time() + req.timeout
-        call = Call(req.method, req.args, req.kwargs, deadline, self.reply_for(req.id))
+        call = Call(req.method, req.args, req.kwargs, deadline, self.reply_for(req.id),
+                    self.identity)
         self.calls[req.id] = call
         server.catalog.submit(req.interface, req.key, call)
 
@@ -210,10 +280,11 @@ class ServerConnection:
         if complaint is not None:
             log.warning("one-way call from %s dropped: %s", self.channel.peer, complaint)
             return
-        if server.draining:
+        if server.draining or server.roles[(msg.interface, msg.method)] > self.identity.role:
             return
         server.catalog.submit(msg.interface, msg.key,
-                              Call(msg.method, msg.args, msg.kwargs, math.inf, None))
+                              Call(msg.method, msg.args, msg.kwargs, math.inf, None,
+                                   self.identity))
 
 
 class Server:
@@ -245,14 +316,23 @@ class Server:
         return server
 
     def _init(self, options: ServerOptions, where: str) -> None:
-        if options.security.psk or options.security.psk_file:
-            raise ConfigError("[server.security]: pre-shared keys are not supported by this "
-                              "version of forkcore; remove the table")
+        sec = options.security
+        self.psk = load_psk(sec.psk, sec.psk_file, f"{where}.security")
+        self.psk_role = Role.parse(sec.psk_role, f"{where}.security key 'psk_role'")
+        self.allow_anonymous = sec.allow_anonymous
+        self.authenticator = None if sec.authenticator is None else create(
+            "authenticator", sec.authenticator, sec.authenticator_options,
+            f"{where}.security", "authenticator", "authenticator_options")
+        self._refusals: dict[str, float] = {}
+        self._per_address: dict[str, int] = {}
         self.options = options
         self.id = options.id
         self.transport = create("transport", options.transport, options.transport_options,
                                 where, "transport", "transport_options")
         self.hosted = host_table(find_grain_classes(options.grains))
+        self.roles = {(name, method): required_role(spec.cls, getattr(spec.cls, method),
+                                                    cls, getattr(cls, method))
+                      for name, (spec, cls) in self.hosted.items() for method in spec.methods}
         self.welcome = Welcome(PROTOCOL_VERSION, options.id, options.zone,
                                dict(options.metadata),
                                tuple(spec.info() for spec, _ in self.hosted.values()))
@@ -264,6 +344,16 @@ class Server:
         self.draining = False
         self._connections: set[ServerConnection] = set()
         self._stack: AsyncExitStack | None = None
+
+    def refused(self, peer: str, reason: str) -> None:
+        """Log a refused connection once per peer address (and again after a minute)."""
+        host = peer.rsplit(":", 1)[0]
+        now = anyio.current_time()
+        if now - self._refusals.get(host, -math.inf) >= 60.0:
+            self._refusals[host] = now
+            if len(self._refusals) > 10_000:
+                self._refusals.clear()
+            log.warning("server %s refused a connection from %s: %s", self.id, peer, reason)
 
     def check_target(self, interface: str, method: str) -> str | None:
         """Why (interface, method) cannot be called here, or None."""
@@ -298,7 +388,7 @@ class Server:
                 self.transport.listen(self.options.listen))
             self.endpoint = self._listener.endpoint
             self._tg = await stack.enter_async_context(anyio.create_task_group())
-            self.catalog = Catalog(self.hosted, self._tg)
+            self.catalog = Catalog(self.hosted, self._tg, self.options.max_activations)
             self._stop = anyio.Event()
             self._served = anyio.Event()
             self._tg.start_soon(self._serve_connections)
@@ -362,12 +452,28 @@ class Server:
     async def _handle(self, channel: Channel) -> None:
         if self.draining:
             return
+        host = channel.peer.rsplit(":", 1)[0]
+        opts = self.options
+        if len(self._connections) >= opts.max_connections:
+            self.refused(channel.peer, f"{opts.max_connections} connections are open "
+                                       "(max_connections)")
+            return
+        if self._per_address.get(host, 0) >= opts.max_connections_per_address:
+            self.refused(channel.peer, f"{opts.max_connections_per_address} connections are "
+                                       "open from this address (max_connections_per_address)")
+            return
         conn = ServerConnection(self, channel)
         self._connections.add(conn)
+        self._per_address[host] = self._per_address.get(host, 0) + 1
         try:
             await conn.run()
         finally:
             self._connections.discard(conn)
+            left = self._per_address[host] - 1
+            if left:
+                self._per_address[host] = left
+            else:
+                del self._per_address[host]
 
     async def _collect_loop(self) -> None:
         while True:
