@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="the client's view of its servers")
     status.add_argument("-c", "--config", required=True, metavar="FILE")
+    status.add_argument("--watch", action="store_true",
+                        help="refresh a live table until Ctrl-C")
+    status.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                        help="seconds between refreshes with --watch (default 1)")
+    status.add_argument("--count", type=int, default=0, metavar="N",
+                        help="with --watch, stop after N refreshes (default: never)")
 
     sub.add_parser("plugins", help="every registered plugin and its distribution")
     demo = sub.add_parser("demo", help="servers and a client in one process, no file needed")
@@ -160,19 +166,59 @@ def _cmd_call(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from .client.client import Client
 
+    if args.interval <= 0 or args.count < 0:
+        raise ConfigError("--interval must be > 0 and --count >= 0")
     client = Client.from_config(args.config)
-
-    async def run() -> str:
-        async with client:
-            await anyio.sleep(min(0.2, client.options.health.heartbeat_interval))
-            interfaces = sorted({i for v in client.servers for i in v.interfaces})
-            shares = routing_shares(client.route, interfaces)
-            text = render_servers(client.servers, {"ROUTED": shares})
-            return (f"{text}\n\nmode {client.mode}; ROUTED: where 1,000 sample keys of each "
-                    "interface go now")
-
-    print(anyio.run(run))
+    anyio.run(_status, client, args)
     return 0
+
+
+async def _status(client: Any, args: argparse.Namespace) -> None:
+    live = args.watch and sys.stdout.isatty()
+    if sys.stderr.isatty():
+        print(f"connecting to {len(client.options.servers)} server(s)...", file=sys.stderr)
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with client, anyio.create_task_group() as tg:
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_on_signal)
+            previous: dict[str, dict[str, Any]] = {}
+            last = anyio.current_time()
+            await anyio.sleep(min(0.2, client.options.health.heartbeat_interval))
+            frames = 0
+            while True:
+                stats = await client.server_stats()
+                now = anyio.current_time()
+                print(("\x1b[H\x1b[2J" if live else "")
+                      + status_table(client, stats, previous, now - last), flush=True)
+                previous, last, frames = stats, now, frames + 1
+                if not args.watch or (args.count and frames >= args.count):
+                    break
+                if not live:
+                    print(flush=True)
+                await anyio.sleep(args.interval)
+            tg.cancel_scope.cancel()
+
+
+def status_table(client: Any, stats: dict[str, dict[str, Any]],
+                 previous: dict[str, dict[str, Any]], elapsed: float) -> str:
+    """The status table: the demo's server table plus the servers' own counters."""
+    rates = {}
+    for sid, values in stats.items():
+        before = previous.get(sid)
+        if before is not None and elapsed > 0:
+            rates[sid] = f"{max(0, values['calls'] - before['calls']) / elapsed:.0f}"
+    interfaces = sorted({i for v in client.servers for i in v.interfaces})
+    table = render_servers(client.servers, {
+        "CALLS": {sid: str(v.get("calls", "-")) for sid, v in stats.items()},
+        "CALLS/S": rates,
+        "GRAINS": {sid: str(v.get("activations", "-")) for sid, v in stats.items()},
+        "ROUTED": routing_shares(client.route, interfaces),
+    })
+    return (f"{table}\n\nmode {client.mode}; CALLS and GRAINS: served and active on each "
+            "server; ROUTED: where 1,000 sample keys of each interface go now")
 
 
 # -- plugins ----------------------------------------------------------------------------

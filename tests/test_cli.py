@@ -279,6 +279,21 @@ def test_status_shows_server_and_health(served: tuple[ServeProcess, Path]) -> No
     assert "test.counter" in row[0]
 
 
+def test_status_watch_refreshes_with_server_counters(served: tuple[ServeProcess, Path]) -> None:
+    server, config = served
+    call_ok(config, "test.counter", "watched", "add", "1")
+    result = run_cli("status", "-c", str(config), "--watch", "--interval", "0.2",
+                     "--count", "3", cwd=config.parent)
+    assert result.returncode == 0, result.stderr
+    headers = [line for line in result.stdout.splitlines() if line.startswith("SERVER")]
+    assert len(headers) == 3
+    assert all("CALLS/S" in h and "GRAINS" in h for h in headers)
+    rows = [line for line in result.stdout.splitlines() if line.startswith(server.id)]
+    assert len(rows) == 3
+    column = headers[-1].index(" CALLS ") + 1  # columns are aligned under their headers
+    assert int(rows[-1][column:].split()[0]) >= 1
+
+
 # -- signals ----------------------------------------------------------------------------
 
 

@@ -575,6 +575,25 @@ class Client:
 
     # -- views ----------------------------------------------------------------------------
 
+    async def server_stats(self, timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+        """Each connected server's counters (calls served, in flight, activations,
+        connections, uptime), asked for concurrently; servers that do not answer within
+        `timeout` are left out."""
+        results: dict[str, dict[str, Any]] = {}
+
+        async def ask(state: ServerState) -> None:
+            conn = state.best_connection()
+            if conn is not None:
+                values = await conn.stats(timeout)
+                if values is not None:
+                    results[state.view.id] = values
+
+        async with anyio.create_task_group() as tg:
+            for state in list(self._pool.states.values()):
+                if not state.removed:
+                    tg.start_soon(ask, state)
+        return results
+
     @property
     def servers(self) -> Sequence[ServerView]:
         """Every server this client knows (not removed), kept current."""

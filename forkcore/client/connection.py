@@ -40,6 +40,8 @@ from ..protocol.messages import (
     Pong,
     Request,
     Response,
+    Stats,
+    StatsRequest,
     Welcome,
 )
 from ..security import SessionCipher, new_nonce, proof, proofs_match
@@ -109,6 +111,7 @@ class ClientConnection:
         self.rtt: float | None = None
         self.last_error: str | None = None
         self.on_change: Callable[[ClientConnection], None] | None = None
+        self._stats: dict[int, Pending] = {}
         self.last_heard = anyio.current_time()
         self.responsive = True
         self._rtt_at = self.last_heard
@@ -231,6 +234,22 @@ class ClientConnection:
         self.channel.send(self.proto.encode(OneWay(interface, key, method, args, kwargs)),
                           delivery)
 
+    async def stats(self, timeout: float) -> dict[str, Any] | None:
+        """The server's counters, or None if it does not answer within `timeout`."""
+        nonce = self._next_id
+        self._next_id += 1
+        pending = Pending()
+        self._stats[nonce] = pending
+        try:
+            self.channel.send(self.proto.encode(StatsRequest(nonce)))
+            with anyio.move_on_after(timeout):
+                await pending.event.wait()
+        except ConnectError:
+            return None
+        finally:
+            self._stats.pop(nonce, None)
+        return pending.result if pending.done and pending.error is None else None
+
     def ping(self) -> None:
         """Send a Ping carrying our clock; the Pong echoes it back, giving one RTT sample."""
         nonce = self._next_id
@@ -267,6 +286,10 @@ class ClientConnection:
                             self.on_change(self)
                 elif t is Ping:
                     self.channel.send(self.proto.encode(Pong(msg.nonce, msg.sent_at)))
+                elif t is Stats:
+                    waiting = self._stats.pop(msg.nonce, None)
+                    if waiting is not None:
+                        waiting.resolve(msg.values)
                 elif t is Goodbye:
                     self.draining = True
                     log.info("server %s (%s) says goodbye: %s", self.server_id, self.endpoint,

@@ -20,7 +20,7 @@ from ..grains import KEY_TYPES, InterfaceInfo, Key
 PROTOCOL_VERSION = 1
 
 (HELLO, WELCOME, REQUEST, RESPONSE, FAILURE, ONE_WAY, PING, PONG, GOODBYE, CANCEL,
- AUTH_CHALLENGE, AUTH_PROOF) = range(1, 13)
+ AUTH_CHALLENGE, AUTH_PROOF, STATS_REQUEST, STATS) = range(1, 15)
 
 
 @attrs.frozen(slots=True)
@@ -125,8 +125,23 @@ class AuthProof:
     proof: bytes
 
 
+@attrs.frozen(slots=True)
+class StatsRequest:
+    """Client → server: ask for the server's counters (for `forkcore status`)."""
+
+    nonce: int
+
+
+@attrs.frozen(slots=True)
+class Stats:
+    """Server → client: counters such as calls served, calls in flight, activations."""
+
+    nonce: int
+    values: dict[str, Any]
+
+
 Message = (Hello | Welcome | Request | Response | Failure | OneWay | Ping | Pong | Goodbye
-           | Cancel | AuthChallenge | AuthProof)
+           | Cancel | AuthChallenge | AuthProof | StatsRequest | Stats)
 
 # Failure kinds: which error the caller raises.
 FAIL_REMOTE = "remote"  # the grain raised; RemoteError(type_name, message)
@@ -179,6 +194,12 @@ def to_wire(msg: Message) -> list[Any]:
     if t is AuthProof:
         assert isinstance(msg, AuthProof)
         return [AUTH_PROOF, msg.proof]
+    if t is StatsRequest:
+        assert isinstance(msg, StatsRequest)
+        return [STATS_REQUEST, msg.nonce]
+    if t is Stats:
+        assert isinstance(msg, Stats)
+        return [STATS, msg.nonce, msg.values]
     raise TypeError(f"not a protocol message: {msg!r}")
 
 
@@ -300,6 +321,8 @@ _LAYOUTS: dict[int, tuple[int, Callable[[list[Any]], Message]]] = {
     CANCEL: (2, lambda a: Cancel(_id(a[1]))),
     AUTH_CHALLENGE: (3, lambda a: AuthChallenge(_bytes(a[1], "nonce"), _bytes(a[2], "proof"))),
     AUTH_PROOF: (2, lambda a: AuthProof(_bytes(a[1], "proof"))),
+    STATS_REQUEST: (2, lambda a: StatsRequest(_int(a[1], "nonce"))),
+    STATS: (3, lambda a: Stats(_int(a[1], "nonce"), _metadata(a[2]))),
 }
 
 

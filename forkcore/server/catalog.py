@@ -77,6 +77,7 @@ class Catalog:
         # least recently used first, so making room is O(1) in the common case
         self.activations: OrderedDict[GrainId, Activation] = OrderedDict()
         self.running_calls = 0
+        self.calls_total = 0
         self._calls_done = anyio.Event()
         self._calls_done.set()
 
@@ -126,6 +127,7 @@ class Catalog:
                     len(self.activations))
 
     def _started(self) -> None:
+        self.calls_total += 1
         if self.running_calls == 0:
             self._calls_done = anyio.Event()
         self.running_calls += 1

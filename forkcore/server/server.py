@@ -37,6 +37,8 @@ from ..protocol.messages import (
     Pong,
     Request,
     Response,
+    Stats,
+    StatsRequest,
     Welcome,
 )
 from ..security import (
@@ -239,6 +241,8 @@ class ServerConnection:
                 call.cancel()
         elif t is Goodbye:
             self.scope.cancel()
+        elif t is StatsRequest:
+            self.send(Stats(msg.nonce, self.server.stats()))
         elif t is Pong:
             pass
         else:
@@ -371,6 +375,15 @@ class Server:
     def interfaces(self) -> list[str]:
         return sorted(self.hosted)
 
+    def stats(self) -> dict[str, Any]:
+        """Counters for `forkcore status`: calls served, in flight, activations, ..."""
+        catalog = self.catalog
+        return {"calls": catalog.calls_total, "in_flight": catalog.running_calls,
+                "activations": len(catalog.activations),
+                "connections": len(self._connections),
+                "uptime": anyio.current_time() - self._started_at,
+                "draining": self.draining}
+
     @property
     def connection_count(self) -> int:
         """Client connections open now."""
@@ -390,6 +403,7 @@ class Server:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             self.catalog = Catalog(self.hosted, self._tg, self.options.max_activations)
             self._stop = anyio.Event()
+            self._started_at = anyio.current_time()
             self._served = anyio.Event()
             self._tg.start_soon(self._serve_connections)
             self._tg.start_soon(self._collect_loop)
