@@ -28,9 +28,13 @@ Handler = Callable[["Channel"], Awaitable[None]]
 
 
 class Channel(Protocol):
-    """One connection, carrying whole frame bodies in both directions."""
+    """One connection, carrying whole frame bodies in both directions.
+
+    `secure` is True when the transport itself authenticates and encrypts (TLS, QUIC),
+    so the core does not encrypt a pre-shared-key session a second time."""
 
     peer: str
+    secure: bool
 
     def send(self, body: bytes, delivery: str = "reliable") -> None:
         """Queue one frame; it leaves with the other frames of this loop turn.
@@ -93,6 +97,7 @@ class StreamChannel:
     """Frames over a byte stream, with coalesced writes and a frame size limit."""
 
     HIGH_WATER = 4 * 1024 * 1024
+    secure = False  # set True by transports that wrap the stream in TLS
     FLUSH_TIMEOUT = 1.0  # seconds a closing channel may spend sending what is queued
 
     def __init__(self, stream: Any, peer: str, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):

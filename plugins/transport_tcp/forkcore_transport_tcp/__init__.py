@@ -1,4 +1,4 @@
-"""forkcore's TCP transport: length-prefixed frames over anyio TCP streams."""
+"""forkcore's TCP transport: length-prefixed frames over anyio TCP streams, optionally in TLS."""
 
 from .transport import TcpTransport
 
