@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import attrs
 
+from .client.views import ServerView
 from .errors import ConfigError, ForkcoreError
 from .report import render_servers, routing_shares
 
@@ -211,7 +212,9 @@ def status_table(client: Any, stats: dict[str, dict[str, Any]],
         if before is not None and elapsed > 0:
             rates[sid] = f"{max(0, values['calls'] - before['calls']) / elapsed:.0f}"
     interfaces = sorted({i for v in client.servers for i in v.interfaces})
-    table = render_servers(client.servers, {
+    down = [ServerView(id="?", endpoint=endpoint, state="unreachable", last_error=error)
+            for endpoint, error in client.unreachable.items()]
+    table = render_servers([*client.servers, *down], {
         "CALLS": {sid: str(v.get("calls", "-")) for sid, v in stats.items()},
         "CALLS/S": rates,
         "GRAINS": {sid: str(v.get("activations", "-")) for sid, v in stats.items()},

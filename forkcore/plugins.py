@@ -6,6 +6,8 @@ and `registry()` show them the same way.
 
 from __future__ import annotations
 
+import importlib.metadata
+import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -17,6 +19,8 @@ import pluggy
 
 from . import hookspecs
 from .errors import ConfigError, PluginNotFound
+
+log = logging.getLogger("forkcore.plugins")
 
 KINDS: dict[str, str] = {
     "transport": "forkcore_register_transports",
@@ -63,13 +67,34 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
             pm.register(builtins, name="forkcore")
             if os.environ.get("FORKCORE_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0"):
-                pm.load_setuptools_entrypoints("forkcore")
+                _load_entry_points(pm)
             _manager = pm
         return _manager
 
 
+_distributions: dict[int, str] = {}  # id(plugin object) -> distribution that installed it
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Load every entry point of group `forkcore`; one that fails to import is logged
+    with its distribution and skipped, so it cannot break the others."""
+    for ep in importlib.metadata.entry_points(group="forkcore"):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+        except Exception as exc:
+            log.error("forkcore plugin %r from distribution %s failed to load and is skipped "
+                      "(%s: %s); reinstall or uninstall it", ep.name, dist,
+                      type(exc).__name__, exc)
+            continue
+        _distributions[id(plugin)] = dist
+
+
 def _source_names(pm: pluggy.PluginManager) -> dict[int, str]:
-    sources = {id(plugin): dist.project_name for plugin, dist in pm.list_plugin_distinfo()}
+    sources = dict(_distributions)
     for name, plugin in pm.list_name_plugin():
         sources.setdefault(id(plugin), name or repr(plugin))
     return sources

@@ -17,7 +17,6 @@ from typing import Any
 import anyio
 import anyio.abc
 import attrs
-import pytest
 
 from .client.client import Client
 from .server.server import Server
@@ -70,7 +69,13 @@ async def cluster(grains: Iterable[Any], *, servers: int = 1, transport: str = "
         raise error
 
 
-@pytest.fixture
-def forkcore_cluster() -> Callable[..., Any]:
-    """The `forkcore.testing.cluster` factory: `async with forkcore_cluster([Grain]) as c:`."""
-    return cluster
+try:  # the fixture exists only where pytest does; `cluster` works without it
+    import pytest
+except ImportError:  # pragma: no cover
+    pass
+else:
+    @pytest.fixture
+    def forkcore_cluster() -> Callable[..., Any]:
+        """The `forkcore.testing.cluster` factory:
+        `async with forkcore_cluster([Grain]) as c:`."""
+        return cluster

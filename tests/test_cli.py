@@ -294,6 +294,20 @@ def test_status_watch_refreshes_with_server_counters(served: tuple[ServeProcess,
     assert int(rows[-1][column:].split()[0]) >= 1
 
 
+def test_status_shows_an_endpoint_that_never_answered(
+        served: tuple[ServeProcess, Path], tmp_path: Path) -> None:
+    server, _ = served
+    dead = free_port()
+    config = write(tmp_path / "two.toml",
+                   f'[client]\nmode = "multi"\nstrategy = "consistent_hash"\n'
+                   f'connect_timeout = 0.5\nservers = ["127.0.0.1:{server.port}", '
+                   f'"127.0.0.1:{dead}"]\n')
+    result = run_cli("status", "-c", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [row] = [line for line in result.stdout.splitlines() if f"127.0.0.1:{dead}" in line]
+    assert "unreachable" in row and "cannot connect" in row
+
+
 # -- signals ----------------------------------------------------------------------------
 
 

@@ -132,6 +132,7 @@ class Client:
         self._last_error: str | None = None
         self._scopes: dict[str, list[anyio.CancelScope]] = {}
         self._retired: set[str] = set()
+        self._endpoint_errors: dict[str, str] = {}  # endpoints whose last attempt failed
         self._stack: AsyncExitStack | None = None
         self._connected = anyio.Event()  # single mode: set while a connection is open
         self._ejector = Ejector(options.health, self._schedule_readmission)
@@ -196,6 +197,7 @@ class Client:
             conn = await ClientConnection.handshake(channel, endpoint, self.client_id,
                                                     connect_timeout, self.options.security,
                                                     self._psk)
+            self._endpoint_errors.pop(endpoint, None)
             self._pool.attach(conn)
             on_open(conn)
             try:
@@ -252,11 +254,11 @@ class Client:
                     if not started:
                         raise
                     errors.append(str(exc))
-                    self._last_error = str(exc)
+                    self._last_error = self._endpoint_errors[endpoints[position]] = str(exc)
                     continue
                 except ConnectError as exc:
                     errors.append(str(exc))
-                    self._last_error = str(exc)
+                    self._last_error = self._endpoint_errors[endpoints[position]] = str(exc)
                     continue
                 self._lost(conn)
                 index = (position + 1) % len(endpoints)
@@ -320,7 +322,7 @@ class Client:
                                         "reconnecting", conn.server_id, endpoint,
                                         conn.last_error)
                     except (ConnectError, Unauthorized) as exc:
-                        self._last_error = str(exc)
+                        self._last_error = self._endpoint_errors[endpoint] = str(exc)
                         if not started:
                             started = True
                             task_status.started(exc)
@@ -574,6 +576,16 @@ class Client:
         return self._route(grain_id, ref_affinity).view.id
 
     # -- views ----------------------------------------------------------------------------
+
+    @property
+    def unreachable(self) -> dict[str, str]:
+        """Endpoints this client could not connect to (and that belong to no known
+        server), with the last error of each: servers that are down since before it
+        learned their ids."""
+        known = {e for st in self._pool.states.values() if not st.removed
+                 for e in st.endpoints}
+        return {e: err for e, err in self._endpoint_errors.items()
+                if e not in known and e not in self._retired}
 
     async def server_stats(self, timeout: float = 1.0) -> dict[str, dict[str, Any]]:
         """Each connected server's counters (calls served, in flight, activations,
