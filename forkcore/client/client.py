@@ -204,6 +204,7 @@ class Client:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(heartbeat, conn, self.options.health,
                                   self._unresponsive if self.mode == "single" else None)
+                    tg.start_soon(conn.watch_deadlines)
                     await conn.run()
                     tg.cancel_scope.cancel()
             finally:

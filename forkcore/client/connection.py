@@ -7,7 +7,9 @@ at once with `ConnectError`, never at its timeout.
 
 from __future__ import annotations
 
+import heapq
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -112,6 +114,9 @@ class ClientConnection:
         self.last_error: str | None = None
         self.on_change: Callable[[ClientConnection], None] | None = None
         self._stats: dict[int, Pending] = {}
+        self._deadlines: list[tuple[float, int, str, str]] = []  # heap of pending deadlines
+        self._watching_until = math.inf
+        self._deadline_wake = anyio.Event()
         self.last_heard = anyio.current_time()
         self.responsive = True
         self._rtt_at = self.last_heard
@@ -208,24 +213,53 @@ class ClientConnection:
             raise NotSent(str(exc)) from None
         pending = Pending()
         self.pending[rid] = pending
+        deadlines = self._deadlines
+        heapq.heappush(deadlines, (deadline, rid, interface, method))
+        if deadlines[0][1] == rid and deadline < self._watching_until:
+            self._deadline_wake.set()  # earlier than what the watcher sleeps towards
         try:
-            with anyio.CancelScope(deadline=deadline):
-                await pending.event.wait()
+            await pending.event.wait()  # the deadline watcher fails it when overdue
         finally:
-            if not pending.done:
+            if not pending.done:  # the caller was cancelled
                 self.pending.pop(rid, None)
-                if not self.closed:
-                    try:
-                        self.channel.send(self.proto.encode(Cancel(rid)))
-                    except ConnectError:
-                        pass
-        if not pending.done:
-            raise RequestTimeout(
-                f"{interface}.{method} on server {self.server_id} did not answer within its "
-                "deadline; raise request_timeout or rpc(timeout=...) if it needs longer")
+                self._cancel(rid)
         if pending.error is not None:
             raise pending.error
         return pending.result
+
+    def _cancel(self, rid: int) -> None:
+        """Tell the server we gave up on `rid`, so it can stop working on it."""
+        if not self.closed:
+            try:
+                self.channel.send(self.proto.encode(Cancel(rid)))
+            except ConnectError:
+                pass
+
+    async def watch_deadlines(self) -> None:
+        """Fail calls at their deadline: one task per connection sleeping until the
+        earliest deadline, instead of a cancel scope per call (which costs more than the
+        rest of the call)."""
+        deadlines = self._deadlines
+        pending = self.pending
+        while not self.closed:
+            while deadlines and deadlines[0][1] not in pending:
+                heapq.heappop(deadlines)  # answered already
+            now = anyio.current_time()
+            while deadlines and deadlines[0][0] <= now:
+                _, rid, interface, method = heapq.heappop(deadlines)
+                overdue = pending.pop(rid, None)
+                if overdue is not None:
+                    overdue.fail(RequestTimeout(
+                        f"{interface}.{method} on server {self.server_id} did not answer "
+                        "within its deadline; raise request_timeout or rpc(timeout=...) if "
+                        "it needs longer"))
+                    self._cancel(rid)
+                while deadlines and deadlines[0][1] not in pending:
+                    heapq.heappop(deadlines)
+            self._watching_until = deadlines[0][0] if deadlines else math.inf
+            self._deadline_wake = anyio.Event()
+            with anyio.move_on_after(self._watching_until - now):
+                await self._deadline_wake.wait()
 
     def one_way(self, interface: str, key: Key, method: str, args: list[Any],
                 kwargs: dict[str, Any], delivery: str) -> None:

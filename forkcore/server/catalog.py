@@ -17,6 +17,7 @@ import anyio.abc
 
 from ..grains import Grain, GrainId, InterfaceSpec, Key, is_reentrant
 from ..security import ANONYMOUS, Identity, reset_caller, set_caller
+from .workers import WorkerPool
 
 log = logging.getLogger("forkcore.server.catalog")
 
@@ -73,6 +74,7 @@ class Catalog:
                  task_group: anyio.abc.TaskGroup, max_activations: int = 1_000_000) -> None:
         self.hosted = hosted
         self._tg = task_group
+        self._workers = WorkerPool(task_group)
         self.max_activations = max_activations
         # least recently used first, so making room is O(1) in the common case
         self.activations: OrderedDict[GrainId, Activation] = OrderedDict()
@@ -99,12 +101,12 @@ class Catalog:
         self._started()
         if is_reentrant(self.hosted[interface][1], call.method):
             act.reentrant_running += 1
-            self._tg.start_soon(self._run_reentrant, act, call)
+            self._workers.submit(self._run_reentrant, act, call)
             return
         act.mailbox.append(call)
         if not act.busy:
             act.busy = True
-            self._tg.start_soon(self._drain, act)
+            self._workers.submit(self._drain, act)
 
     def _create(self, grain_id: GrainId) -> Activation:
         _spec, cls = self.hosted[grain_id.interface]
@@ -121,7 +123,7 @@ class Catalog:
         for act in self.activations.values():
             if act.idle:
                 del self.activations[act.grain_id]
-                self._tg.start_soon(self._deactivate, act)
+                self._workers.submit(self._deactivate, act)
                 return
         log.warning("all %d activations are busy; exceeding max_activations",
                     len(self.activations))
