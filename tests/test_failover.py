@@ -16,6 +16,7 @@ from serving import ServeProcess, start_server
 
 import forkcore
 from forkcore.errors import ConnectError, ForkcoreError, NoServerAvailable
+from forkcore.plugins import registry
 
 pytestmark = [pytest.mark.anyio,
               pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="POSIX signals")]
@@ -25,15 +26,20 @@ HEARTBEAT = 0.1
 UNHEALTHY_AFTER = 3
 
 
+TRANSPORTS = ["tcp", "udp"]
+
+
 class Fleet:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, transport: str) -> None:
         self.directory = directory
+        self.transport = transport
         self.log = directory / "calls.log"
         self.log.write_text("")
         self.procs: dict[str, ServeProcess] = {}
 
     def start(self, server_id: str, listen: str = "127.0.0.1:0") -> str:
         proc = start_server(self.directory, server_id, grains=GRAINS, listen=listen,
+                            extra=f'transport = "{self.transport}"\n',
                             env={"FORKCORE_TEST_SERVER_ID": server_id,
                                  "FORKCORE_TEST_LOG": str(self.log)})
         self.procs[server_id] = proc
@@ -55,19 +61,24 @@ class Fleet:
             proc.stop()
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(tmp_path)
+@pytest.fixture(params=TRANSPORTS)
+def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
+    if request.param not in registry("transport"):
+        pytest.skip(f"transport {request.param} is not installed")
+    f = Fleet(tmp_path, request.param)
     try:
         yield f
     finally:
         f.stop_all()
 
 
-def multi(endpoints: list[str], **options: Any) -> forkcore.Client:
+def multi(fleet: Fleet, endpoints: list[str], **options: Any) -> forkcore.Client:
     options.setdefault("request_timeout", 2.0)
+    if fleet.transport == "udp":  # the servers generate their certificates at start
+        options.setdefault("transport_options", {"insecure": True})
     return forkcore.Client(
-        mode="multi", servers=endpoints, transport="tcp", strategy="consistent_hash",
+        mode="multi", servers=endpoints, transport=fleet.transport,
+        strategy="consistent_hash",
         reconnect_initial_delay=0.02, reconnect_max_delay=0.2,
         health={"heartbeat_interval": HEARTBEAT, "unhealthy_after": UNHEALTHY_AFTER},
         **options)
@@ -94,7 +105,7 @@ async def test_sigkill_under_32_callers(fleet: Fleet) -> None:
     other_failures: list[BaseException] = []
     overruns: list[float] = []
     calls = 0
-    async with multi(endpoints, request_timeout=timeout) as client:
+    async with multi(fleet, endpoints, request_timeout=timeout) as client:
         async def caller(n: int) -> None:
             nonlocal calls
             end = anyio.current_time() + 1.5
@@ -152,7 +163,7 @@ async def test_sigstop_makes_a_server_unhealthy_and_sigcont_brings_it_back(
         fleet: Fleet) -> None:
     endpoints = [fleet.start(f"f{i}") for i in range(3)]
     keys = range(200)
-    async with multi(endpoints) as client:
+    async with multi(fleet, endpoints) as client:
         before = {k: client.route(IWhere, k) for k in keys}
         frozen_key = key_on(client, "f2")
         fleet.signal("f2", signal.SIGSTOP)
@@ -174,7 +185,7 @@ async def test_sigstop_makes_a_server_unhealthy_and_sigcont_brings_it_back(
 @pytest.mark.parametrize("idempotent", [False, True])
 async def test_call_in_flight_when_its_server_dies(fleet: Fleet, idempotent: bool) -> None:
     endpoints = [fleet.start(f"d{i}") for i in range(3)]
-    async with multi(endpoints, request_timeout=5.0) as client:
+    async with multi(fleet, endpoints, request_timeout=5.0) as client:
         victim = "d0"
         key = next(k for k in range(10_000)
                    if client.route("test.recorder", k) == victim)
@@ -209,7 +220,7 @@ def _recorder() -> Any:
 
 async def test_every_server_frozen_fails_fast_then_recovers(fleet: Fleet) -> None:
     endpoints = [fleet.start(f"z{i}") for i in range(2)]
-    async with multi(endpoints) as client:
+    async with multi(fleet, endpoints) as client:
         for sid in ("z0", "z1"):
             fleet.signal(sid, signal.SIGSTOP)
         await wait_until(lambda: not any(v.healthy for v in client.servers))
@@ -227,7 +238,7 @@ async def test_every_server_frozen_fails_fast_then_recovers(fleet: Fleet) -> Non
 async def test_draining_server_finishes_its_call_and_new_calls_go_elsewhere(
         fleet: Fleet) -> None:
     endpoints = [fleet.start(f"t{i}") for i in range(3)]
-    async with multi(endpoints, request_timeout=5.0) as client:
+    async with multi(fleet, endpoints, request_timeout=5.0) as client:
         key = key_on(client, "t0")
         result: list[str] = []
 
