@@ -13,7 +13,7 @@ from grains_sample import Counter, ICounter
 
 import forkcore
 from forkcore.errors import ConfigError, Unauthorized
-from forkcore.plugins import get_plugin_manager
+from forkcore.plugins import get_plugin_manager, registry
 
 pytestmark = pytest.mark.anyio
 
@@ -21,8 +21,10 @@ KEY = "correct horse battery staple 42"
 WRONG = "incorrect horse battery staple 7"
 
 
-@pytest.fixture(params=["memory", "tcp"])
+@pytest.fixture(params=["memory", "tcp", "udp"])
 def transport(request: pytest.FixtureRequest) -> str:
+    if request.param not in registry("transport"):
+        pytest.skip(f"transport {request.param} is not installed")
     return str(request.param)
 
 
