@@ -216,9 +216,17 @@ class ServerConnection:
             identity = Identity(name[:128], server.psk_role, "psk")
         token = auth.get("token")
         if token is not None and server.authenticator is not None:
-            result = server.authenticator.authenticate(token, self.channel.peer)
-            if inspect.isawaitable(result):
-                result = await result
+            if not isinstance(token, str) or len(token) > 8192:
+                raise Unauthorized("the token must be a string of at most 8192 characters")
+            try:
+                result = server.authenticator.authenticate(token, self.channel.peer)
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:
+                log.error("authenticator %r failed on a token from %s: %s: %s",
+                          server.options.security.authenticator, self.channel.peer,
+                          type(exc).__name__, exc)
+                raise Unauthorized("the token could not be checked") from None
             if not isinstance(result, Identity):
                 raise Unauthorized("the token was not accepted")
             identity = result

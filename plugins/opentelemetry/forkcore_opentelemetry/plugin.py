@@ -1,0 +1,13 @@
+"""Hook implementations: the module the `forkcore` entry point names."""
+
+from __future__ import annotations
+
+from forkcore import hookimpl
+from forkcore.hookspecs import Register
+
+from .observer import opentelemetry_observer
+
+
+@hookimpl
+def forkcore_register_observers(register: Register) -> None:
+    register("opentelemetry", opentelemetry_observer)
