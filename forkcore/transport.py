@@ -192,7 +192,8 @@ class StreamChannel:
                 self._pending_bytes = 0
                 await self._stream.send(data)
                 self._drained.set()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream,
+                OSError) as exc:
             self._error = exc
             self._closed = True
             self._drained.set()

@@ -19,7 +19,7 @@ from forkcore.errors import ConfigError, ConnectError, NoServerAvailable
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["memory", "tcp"])
+@pytest.fixture(params=["memory", "tcp", "udp"])
 def transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -200,7 +200,7 @@ async def test_no_server_available_explains_itself(transport: str) -> None:
             assert "s1 (healthy" in message
             h.stop("s0")
             h.stop("s1")
-            await wait_until(lambda: not any(v.healthy for v in client.servers))
+            await wait_until(lambda: all(v.state == "unhealthy" for v in client.servers))
             start = anyio.current_time()
             with pytest.raises(NoServerAvailable) as info:
                 await client.get_grain(IWhere, "k").where()

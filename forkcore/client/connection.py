@@ -46,7 +46,7 @@ from ..protocol.messages import (
     StatsRequest,
     Welcome,
 )
-from ..security import SessionCipher, new_nonce, proof, proofs_match
+from ..security import NONCE_SIZE, SessionCipher, new_nonce, proof, proofs_match
 from ..transport import Channel
 from .health import peak_ewma
 
@@ -169,6 +169,9 @@ class ClientConnection:
             raise ConnectError(f"{endpoint} asked for a pre-shared key this client was not "
                                "given")
         server_nonce = challenge.nonce
+        if len(server_nonce) != NONCE_SIZE:
+            raise ConnectError(f"{endpoint} sent a {len(server_nonce)}-byte nonce; "
+                               f"expected {NONCE_SIZE}")
         expected = proof(psk, "server", client_nonce, server_nonce, identity)
         if not proofs_match(expected, challenge.proof):
             channel.send(proto.encode(Goodbye("unauthorized: wrong pre-shared key")))
@@ -183,7 +186,14 @@ class ClientConnection:
         try:
             body = cipher.open(raw)
         except ProtocolError:
-            return proto.decode(raw)  # a refusal, sent before the session was keyed
+            # only a refusal may come unsealed: the server sends it before keying the
+            # session. Anything else unsealed is someone trying to strip the encryption.
+            refusal = proto.decode(raw)
+            if isinstance(refusal, Goodbye):
+                return refusal
+            raise Unauthorized(f"{endpoint} answered the key exchange with an unencrypted "
+                               f"{type(refusal).__name__}: refusing a downgraded session "
+                               "(is something between the client and the server?)") from None
         msg = proto.decode(body)
         proto.cipher = cipher
         return msg

@@ -94,6 +94,9 @@ class ProtocolConnection:
             self.state = State.CLOSED
             return
         if not isinstance(msg, self._expect):
+            if not self._expect:
+                raise ProtocolError(f"{type(msg).__name__} arrived before the handshake was "
+                                    "complete; wait for the answer to Hello")
             expected = " or ".join(t.__name__ for t in self._expect)
             raise ProtocolError(f"expected {expected}, got {type(msg).__name__}")
         if isinstance(msg, AuthChallenge):

@@ -189,6 +189,12 @@ class ServerConnection:
                         pass
             except ConnectError:
                 pass
+            finally:
+                # nobody is left to receive their results: stop the work (bounded work
+                # per connection, even against a client that reconnects in a loop)
+                for call in list(self.calls.values()):
+                    call.cancel()
+                self.calls.clear()
 
     async def authenticate(self, hello: Hello) -> Identity:
         """The connection's identity from its Hello (and, with a pre-shared key, one more
