@@ -33,7 +33,7 @@ from forkcore.errors import (
 
 pytestmark = pytest.mark.anyio
 
-TRANSPORTS = ["memory", "tcp"]
+TRANSPORTS = ["memory", "tcp", "udp"]
 
 
 @pytest.fixture(params=TRANSPORTS)

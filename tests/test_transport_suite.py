@@ -24,7 +24,7 @@ from forkcore.errors import ConnectError, ProtocolError
 
 pytestmark = pytest.mark.anyio
 
-TRANSPORTS = ["memory", "tcp"]
+TRANSPORTS = ["memory", "tcp", "udp"]
 WAIT = 5.0  # generous bound for anything that should happen at once
 PROMPT = 2.0  # bound for "promptly": a close must be noticed well within this
 MAX_SMALL = 1024
