@@ -5,7 +5,6 @@ Timings never decide anything here; only that the runner finishes and prints its
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -38,12 +37,11 @@ def test_runner_prints_a_table() -> None:
 def test_missing_peer_is_skipped_with_a_note() -> None:
     sys.path.insert(0, str(ROOT))
     try:
-        from benchmarks.runner import Bench, Peer, Report, render
+        from benchmarks.runner import Bench, Peer, Report, parse_args, render
     finally:
         sys.path.remove(str(ROOT))
     report = Report()
-    opts = argparse.Namespace(levels=[1, 64], duration=0.1, warmup=0.0, repeat=1,
-                              backend="asyncio", payload_sizes=[32])
+    opts = parse_args(["--quick"])
     run = Bench(opts, report).peer(Peer("ghost", "ghost peer", "benchmarks.peers.ghost",
                                         ("no_such_module_for_forkcore_bench",)))
     assert run.note is not None and run.note.startswith("skipped:")
