@@ -37,15 +37,15 @@ class Broken:
         raise RuntimeError("observer bug")
 
 
-async def test_observer_objects_see_calls_and_errors() -> None:
+async def test_observer_objects_see_calls_and_errors(forkcore_cluster: Any) -> None:
     recorder = Recorder()
-    async with forkcore.Server(id="s1", transport="memory", grains=[Counter]) as server:
-        async with forkcore.Client(servers=[server.endpoint or ""], transport="memory",
-                                   observers=[recorder, Broken()]) as client:
-            counter = client.get_grain(ICounter, "k")
-            assert await counter.add(2) == 2
-            with pytest.raises(RemoteError):
-                await counter.fail("no")
+    # the project's own pytest plugin: an in-process server and a connected client
+    async with forkcore_cluster([Counter], client_options={
+            "observers": [recorder, Broken()]}) as cluster:
+        counter = cluster.client.get_grain(ICounter, "k")
+        assert await counter.add(2) == 2
+        with pytest.raises(RemoteError):
+            await counter.fail("no")
     assert recorder.calls == [("test.counter/'k'", "add", "s1", None),
                               ("test.counter/'k'", "fail", "s1", "RemoteError")]
 
