@@ -67,6 +67,8 @@ class Engine:
         self._woken = False
         self._scope = anyio.CancelScope(shield=True)
         self._closed = False
+        self._started = False
+        self._done = anyio.Event()
         self.sent = 0
         self.received = 0
 
@@ -83,20 +85,32 @@ class Engine:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Run until `close()`; cancelling the surrounding scope does not stop it, since
-        closing connections (after that) still needs it."""
-        with self._scope:
-            task_status.started()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._read_loop)
-                await self._drive_loop()
+        """Run until `aclose()`; cancelling the surrounding scope does not stop it, since
+        closing connections (after that) still needs it. The socket is closed here, by
+        this task, once its loops have ended: closing it from another task while a loop
+        still waits on it would leave a stale registration in the event loop for the next
+        socket that gets the same file descriptor."""
+        self._started = True
+        try:
+            if self._closed:
+                return  # closed before it began
+            with self._scope:
+                task_status.started()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._read_loop)
+                    await self._drive_loop()
+        finally:
+            self._closed = True
+            self.sock.close()
+            self._done.set()
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop the loop and close the socket (idempotent)."""
-        self._scope.cancel()
         self._closed = True
-        if self.sock.fileno() >= 0:
-            anyio.notify_closing(self.sock)
+        self._scope.cancel()
+        if self._started:
+            await self._done.wait()
+        else:
             self.sock.close()
 
     # -- reading ------------------------------------------------------------------------

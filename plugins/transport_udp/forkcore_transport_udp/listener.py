@@ -99,7 +99,7 @@ class UdpListener:
         if not self._accepting:
             with anyio.CancelScope(shield=True):
                 await self.shutdown()
-                self.release()
+                await self.release()
 
     def stop_accepting(self) -> None:
         if self._accepting:
@@ -107,9 +107,9 @@ class UdpListener:
             self._accept_send.close()
             _stopping.setdefault(self._address, self.released)
 
-    def release(self) -> None:
+    async def release(self) -> None:
         """Stop the engine and close the socket: the port is free for a new listener."""
-        self.engine.close()
+        await self.engine.aclose()
         if _stopping.get(self._address) is self.released:
             del _stopping[self._address]
         self.released.set()

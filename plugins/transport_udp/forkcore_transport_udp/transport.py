@@ -123,13 +123,13 @@ class UdpTransport:
                 self._channel, self.options, fingerprint, (str(bound[0]), int(bound[1])))
             with _single_errors():
                 async with anyio.create_task_group() as tg:
-                    await tg.start(listener.engine.run)
+                    tg.start_soon(listener.engine.run)
                     try:
                         yield listener
                     finally:
                         with anyio.CancelScope(shield=True):
                             await listener.shutdown()
-                        listener.release()
+                            await listener.release()
         finally:
             sock.close()
 
@@ -189,7 +189,7 @@ class UdpTransport:
             channel = self._channel(quic, peer=endpoint, addr=addr, touch=engine.touch)
             with _single_errors():
                 async with anyio.create_task_group() as tg:
-                    await tg.start(engine.run)
+                    tg.start_soon(engine.run)
                     try:
                         quic.connect(addr, now=anyio.current_time())
                         engine.touch(channel)
@@ -205,7 +205,7 @@ class UdpTransport:
                     finally:
                         with anyio.CancelScope(shield=True):
                             await channel.close()
-                        engine.close()
+                            await engine.aclose()
         finally:
             sock.close()
 
