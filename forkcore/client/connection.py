@@ -220,6 +220,7 @@ class ClientConnection:
         try:
             self.channel.send(body)
         except ConnectError as exc:
+            self.close(str(exc))  # the transport knows first: let routing see it now
             raise NotSent(str(exc)) from None
         pending = Pending()
         self.pending[rid] = pending
@@ -275,8 +276,12 @@ class ClientConnection:
                 kwargs: dict[str, Any], delivery: str) -> None:
         if self.closed:
             raise NotSent(f"connection to {self.server_id} ({self.endpoint}) is closed")
-        self.channel.send(self.proto.encode(OneWay(interface, key, method, args, kwargs)),
-                          delivery)
+        try:
+            self.channel.send(self.proto.encode(OneWay(interface, key, method, args, kwargs)),
+                              delivery)
+        except ConnectError as exc:
+            self.close(str(exc))
+            raise NotSent(str(exc)) from None
 
     async def stats(self, timeout: float) -> dict[str, Any] | None:
         """The server's counters, or None if it does not answer within `timeout`."""
