@@ -75,6 +75,9 @@ class Catalog:
         self.hosted = hosted
         self._tg = task_group
         self._workers = WorkerPool(task_group)
+        # fixed per (interface, method): looked up once here, not on every call
+        self._reentrant = {(name, method): is_reentrant(cls, method)
+                           for name, (spec, cls) in hosted.items() for method in spec.methods}
         self.max_activations = max_activations
         # least recently used first, so making room is O(1) in the common case
         self.activations: OrderedDict[GrainId, Activation] = OrderedDict()
@@ -99,7 +102,7 @@ class Catalog:
             self.activations.move_to_end(grain_id)
         act.last_used = anyio.current_time()
         self._started()
-        if is_reentrant(self.hosted[interface][1], call.method):
+        if self._reentrant[(interface, call.method)]:
             act.reentrant_running += 1
             self._workers.submit(self._run_reentrant, act, call)
             return
@@ -243,6 +246,7 @@ class Catalog:
 
     async def collect_idle(self, idle_timeout: float) -> int:
         """Deactivate activations idle for longer than `idle_timeout`; how many."""
+        self._workers.trim()
         cutoff = anyio.current_time() - idle_timeout
         victims = [a for a in self.activations.values() if a.idle and a.last_used <= cutoff]
         for act in victims:

@@ -3,8 +3,8 @@
 Starting an anyio task costs tens of microseconds, more than the rest of a call; a busy
 server would pay it for nearly every call (an idle activation needs a task to run its
 mailbox). Workers instead wait on a queue and run job after job. The pool grows when a
-job arrives and no worker is free, and a worker that has been idle for `idle_exit`
-seconds leaves, down to `keep` workers, so an idle server holds few tasks.
+job arrives and no worker is free; `trim()` (called by the server's periodic collection)
+sends the idle workers beyond `keep` away, so waiting for a job costs no timeout scope.
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ Job = tuple[Callable[..., Awaitable[None]], tuple[Any, ...]]
 
 
 class WorkerPool:
-    def __init__(self, task_group: anyio.abc.TaskGroup, *, keep: int = 4,
-                 idle_exit: float = 30.0) -> None:
+    def __init__(self, task_group: anyio.abc.TaskGroup, *, keep: int = 4) -> None:
         self._tg = task_group
-        self._send, self._receive = anyio.create_memory_object_stream[Job](1_000_000)
+        self._send, self._receive = anyio.create_memory_object_stream[Job | None](1_000_000)
         self.keep = keep
-        self.idle_exit = idle_exit
         self.workers = 0
 
     def submit(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
@@ -38,16 +36,19 @@ class WorkerPool:
             self._tg.start_soon(self._work)
         self._send.send_nowait((fn, args))
 
+    def trim(self) -> int:
+        """Let idle workers beyond `keep` leave; how many were asked to."""
+        surplus = min(self._send.statistics().tasks_waiting_receive, self.workers - self.keep)
+        for _ in range(max(surplus, 0)):
+            self._send.send_nowait(None)
+        return max(surplus, 0)
+
     async def _work(self) -> None:
         try:
             while True:
-                job: Job | None = None
-                with anyio.move_on_after(self.idle_exit):
-                    job = await self._receive.receive()
+                job = await self._receive.receive()
                 if job is None:
-                    if self.workers > self.keep:
-                        return
-                    continue
+                    return
                 fn, args = job
                 try:
                     await fn(*args)
