@@ -338,3 +338,15 @@ async def test_reentrancy_is_opt_in_per_method_and_per_class(
                     await anyio.sleep(0.05)
                     await gate.open()
             assert outcome == (["opened"] if reentrant else ["timeout"])
+
+
+async def test_idle_activation_keeps_no_mailbox(cluster: Any) -> None:
+    """Memory per idle activation stays small: the mailbox exists only while calls wait."""
+    server, client = cluster
+    counter = client.get_grain(ICounter, "lean")
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(counter.add, 1)
+    assert await counter.get() == 20
+    [act] = [a for g, a in server.catalog.activations.items() if g.key == "lean"]
+    assert act.idle and act.mailbox is None

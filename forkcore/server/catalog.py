@@ -55,7 +55,8 @@ class Activation:
     def __init__(self, grain: Grain, grain_id: GrainId, now: float) -> None:
         self.grain = grain
         self.grain_id = grain_id
-        self.mailbox: deque[Call] = deque()
+        # created when a call queues, dropped when drained: an idle activation holds none
+        self.mailbox: deque[Call] | None = None
         self.busy = False  # a task is draining the mailbox
         self.active = False  # on_activate has completed
         self.ready: anyio.Event | None = None  # set once on_activate has finished (or failed)
@@ -106,6 +107,8 @@ class Catalog:
             act.reentrant_running += 1
             self._workers.submit(self._run_reentrant, act, call)
             return
+        if act.mailbox is None:
+            act.mailbox = deque()
         act.mailbox.append(call)
         if not act.busy:
             act.busy = True
@@ -179,6 +182,8 @@ class Catalog:
                 await self._run(act, call)
         finally:
             act.busy = False
+            if not act.mailbox:
+                act.mailbox = None
             act.last_used = anyio.current_time()
 
     async def _run_reentrant(self, act: Activation, call: Call) -> None:
