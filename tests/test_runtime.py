@@ -348,5 +348,5 @@ async def test_idle_activation_keeps_no_mailbox(cluster: Any) -> None:
         for _ in range(20):
             tg.start_soon(counter.add, 1)
     assert await counter.get() == 20
-    [act] = [a for g, a in server.catalog.activations.items() if g.key == "lean"]
+    [act] = [a for a in server.catalog.activations.values() if a.grain_id.key == "lean"]
     assert act.idle and act.mailbox is None

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
+from time import monotonic
 from typing import Any, TypeVar
 
 import anyio
@@ -427,7 +428,7 @@ class Client:
         A call that never left the client, or that a server refused without running it,
         goes to the next choice; a call lost in flight is resent only if its method is
         idempotent and the retry budget allows; nothing outlives the call's deadline."""
-        deadline = anyio.current_time() + (method.timeout or self.options.request_timeout)
+        deadline = monotonic() + (method.timeout or self.options.request_timeout)
         for attempt in range(MAX_ATTEMPTS):
             if attempt and self.mode == "single":
                 await self._wait_connected(deadline)
@@ -464,7 +465,7 @@ class Client:
             except ConnectError as exc:
                 error = exc
                 self._failed(state)
-                if method.idempotent and anyio.current_time() < deadline \
+                if method.idempotent and monotonic() < deadline \
                         and self._retry_budget.take():
                     log.debug("resending idempotent %s.%s after: %s", grain_id, method.name,
                               exc)
@@ -495,7 +496,7 @@ class Client:
 
     async def _wait_connected(self, deadline: float) -> None:
         """Single mode, resending: wait (until the deadline) for a usable connection."""
-        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+        with anyio.move_on_after(max(0.0, deadline - monotonic())):
             while not self._usable(self._active):
                 if self._connected.is_set():
                     self._connected = anyio.Event()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from time import monotonic
 from typing import TYPE_CHECKING
 
 import anyio
@@ -47,9 +48,9 @@ async def heartbeat(conn: ClientConnection, options: HealthOptions,
     interval = options.heartbeat_interval
     limit = options.unhealthy_after * interval
     tick = min(interval / 4, 0.25)
-    next_ping = anyio.current_time()
+    next_ping = monotonic()  # the connection's clock (ClientConnection.last_heard)
     while not conn.closed:
-        now = anyio.current_time()
+        now = monotonic()
         if now >= next_ping:
             try:
                 conn.ping()

@@ -23,6 +23,7 @@ import cbor2
 from ..errors import ConfigError, ForkcoreError, ProtocolError
 
 T = TypeVar("T", bound=type)
+_dumps = cbor2.dumps
 
 TAG_DATETIME = 0  # RFC 8949 standard date/time string (timezone-aware datetimes)
 TAG_BIGNUM_POS = 2
@@ -123,8 +124,43 @@ _ENCODERS[tuple] = _encode_tuple
 _ENCODERS[datetime.datetime] = _encode_datetime
 
 
+_PLAIN_TYPES = frozenset({int, str, float, bytes, bool, type(None)})
+_PLAIN_SCAN_ITEMS = 32  # a bigger container takes the general path (its cost dwarfs ours)
+
+
+def _plain(value: Any, depth: int) -> bool:
+    """True when `value` holds only types cbor2 encodes exactly as we do without our
+    encoders (which cost more than a small call's whole encoding)."""
+    t = type(value)
+    if t in _PLAIN_TYPES:
+        return True
+    if depth > 4:
+        return False
+    if t is list:
+        if len(value) > _PLAIN_SCAN_ITEMS:
+            return False
+        for item in value:
+            if type(item) not in _PLAIN_TYPES and not _plain(item, depth + 1):
+                return False
+        return True
+    if t is dict:
+        if len(value) > _PLAIN_SCAN_ITEMS:
+            return False
+        for key, item in value.items():
+            if type(key) is not str or (
+                    type(item) not in _PLAIN_TYPES and not _plain(item, depth + 1)):
+                return False
+        return True
+    return False
+
+
 def encode(value: Any) -> bytes:
     """Encode one value (a message body) to CBOR, or raise `WireTypeError`."""
+    if _plain(value, 0):
+        try:
+            return _dumps(value)
+        except (cbor2.CBOREncodeError, ValueError, TypeError):
+            pass  # the general path below reports it
     try:
         return cbor2.dumps(value, encoders=_ENCODERS, default=_default)
     except WireTypeError:

@@ -326,6 +326,35 @@ _LAYOUTS: dict[int, tuple[int, Callable[[list[Any]], Message]]] = {
 }
 
 
+_MAX_ID = 2**63
+
+
+def request_fields(a: list[Any]) -> tuple[int, str, Key, str, list[Any], dict[str, Any],
+                                          float | None]:
+    """The fields of a Request array, validated as `from_wire` does but faster: the
+    server runs this for every call. The common types are checked inline; anything else
+    goes to the general validators, which accept it or say what is wrong."""
+    if len(a) != 8:
+        raise _bad(f"message type {REQUEST} has {len(a)} fields, expected 8")
+    _, rid, interface, key, method, args, kwargs, timeout = a
+    if type(rid) is not int or not 0 <= rid < _MAX_ID:
+        rid = _id(rid)
+    if type(interface) is not str or len(interface) > 1024:
+        interface = _str(interface, "interface")
+    tk = type(key)
+    if tk is not str and tk is not int and tk is not bytes:
+        key = _key(key)
+    if type(method) is not str or len(method) > 1024:
+        method = _str(method, "method")
+    if type(args) is not list:
+        args = _args(args)
+    if type(kwargs) is not dict or kwargs:
+        kwargs = _kwargs(kwargs)
+    if timeout is not None and (type(timeout) is not float or not 0.0 <= timeout < math.inf):
+        timeout = _timeout(timeout)
+    return rid, interface, key, method, args, kwargs, timeout
+
+
 def from_wire(item: Any) -> Message:
     """The message for a decoded CBOR item, or `ProtocolError` if it is not one."""
     if not isinstance(item, list) or not item:

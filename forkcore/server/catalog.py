@@ -3,13 +3,19 @@
 Calls to one activation wait in its mailbox and run one at a time in arrival order; a
 task runs an activation only while its mailbox is non-empty, so an idle activation costs
 a small object, not a task. Reentrant methods start at once instead of queueing.
+
+Deadlines are `time.monotonic()` values. The calls an activation runs back to back share
+one cancel scope (entering a scope costs more than a small call), and one watcher task
+per catalog cancels the scope of a call that outlives its deadline.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
+from time import monotonic
 from typing import Any
 
 import anyio
@@ -24,12 +30,16 @@ log = logging.getLogger("forkcore.server.catalog")
 # reply(ok, value): ok=True → value is the result; ok=False → value is (kind, type, message)
 Reply = Callable[[bool, Any], None]
 
+# the watcher looks for new running calls at least this often (seconds): a call whose
+# timeout is shorter than this may be cancelled up to this much after its deadline
+WATCH_TICK = 0.1
+
 
 class Call:
     """One call waiting for or running on an activation."""
 
-    __slots__ = ("args", "caller", "cancelled", "deadline", "kwargs", "method", "reply",
-                 "scope")
+    __slots__ = ("args", "caller", "cancelled", "deadline", "expired", "kwargs", "method",
+                 "reply", "scope")
 
     def __init__(self, method: str, args: list[Any], kwargs: dict[str, Any], deadline: float,
                  reply: Reply | None, caller: Identity = ANONYMOUS) -> None:
@@ -38,9 +48,10 @@ class Call:
         self.args = args
         self.kwargs = kwargs
         self.deadline = deadline
-        self.reply = reply
-        self.cancelled = False
-        self.scope: anyio.CancelScope | None = None
+        self.reply = reply  # set to None once the call has answered
+        self.cancelled = False  # the caller gave up (or left): no answer is wanted
+        self.expired = False  # its deadline passed while it ran
+        self.scope: anyio.CancelScope | None = None  # while it runs
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -80,30 +91,41 @@ class Catalog:
         self._reentrant = {(name, method): is_reentrant(cls, method)
                            for name, (spec, cls) in hosted.items() for method in spec.methods}
         self.max_activations = max_activations
-        # least recently used first, so making room is O(1) in the common case
-        self.activations: OrderedDict[GrainId, Activation] = OrderedDict()
+        # (interface, key) → activation, least recently used first, so making room is
+        # O(1) in the common case. Keyed by a plain tuple: hashing a GrainId (attrs)
+        # costs more than the rest of the lookup.
+        self.activations: OrderedDict[tuple[str, Key], Activation] = OrderedDict()
         self.running_calls = 0
         self.calls_total = 0
         self._calls_done = anyio.Event()
         self._calls_done.set()
+        # calls running now that have a deadline, and the scope that cancels each
+        self._running: dict[Call, anyio.CancelScope] = {}
+        self._watch_wake = anyio.Event()
+        task_group.start_soon(self._watch_deadlines)
 
     # -- submitting -----------------------------------------------------------------------
 
-    def submit(self, interface: str, key: Key, call: Call) -> None:
+    def submit(self, interface: str, key: Key, call: Call,
+               reentrant: bool | None = None) -> None:
         """Queue `call` on the activation of (interface, key), creating it if needed.
 
-        The interface and method must already be checked against `hosted`."""
-        grain_id = GrainId(interface, key)
-        act = self.activations.get(grain_id)
+        The interface and method must already be checked against `hosted`; `reentrant`
+        is looked up when not given."""
+        slot = (interface, key)
+        activations = self.activations
+        act = activations.get(slot)
         if act is None:
-            if len(self.activations) >= self.max_activations:
+            if len(activations) >= self.max_activations:
                 self._make_room()
-            act = self._create(grain_id)
+            act = self._create(GrainId(interface, key))
         else:
-            self.activations.move_to_end(grain_id)
-        act.last_used = anyio.current_time()
+            activations.move_to_end(slot)
+        act.last_used = monotonic()
         self._started()
-        if self._reentrant[(interface, call.method)]:
+        if reentrant is None:
+            reentrant = self._reentrant[(interface, call.method)]
+        if reentrant:
             act.reentrant_running += 1
             self._workers.submit(self._run_reentrant, act, call)
             return
@@ -120,15 +142,15 @@ class Catalog:
         grain.grain_id = grain_id
         grain.key = grain_id.key
         grain.__init__()  # type: ignore[misc]
-        act = Activation(grain, grain_id, anyio.current_time())
-        self.activations[grain_id] = act
+        act = Activation(grain, grain_id, monotonic())
+        self.activations[(grain_id.interface, grain_id.key)] = act
         return act
 
     def _make_room(self) -> None:
         """Drop the least recently used idle activation (deactivated in the background)."""
         for act in self.activations.values():
             if act.idle:
-                del self.activations[act.grain_id]
+                self._forget(act)
                 self._workers.submit(self._deactivate, act)
                 return
         log.warning("all %d activations are busy; exceeding max_activations",
@@ -163,8 +185,7 @@ class Catalog:
             await act.grain.on_activate()
         except Exception as exc:
             log.warning("on_activate of %s failed: %s: %s", act.grain_id, type(exc).__name__, exc)
-            if self.activations.get(act.grain_id) is act:
-                del self.activations[act.grain_id]
+            self._forget(act)
             return exc
         finally:
             act.ready.set()
@@ -172,19 +193,24 @@ class Catalog:
         return None
 
     async def _drain(self, act: Activation) -> None:
+        mailbox = act.mailbox
         try:
             error = await self._activate(act)
-            while act.mailbox:
-                call = act.mailbox.popleft()
+            while mailbox:
                 if error is not None:
-                    self._fail_activation(call, error)
+                    self._fail_activation(mailbox.popleft(), error)
                     continue
-                await self._run(act, call)
+                # one scope for a run of calls; a fresh one after a call was cancelled
+                with anyio.CancelScope() as scope:
+                    while mailbox and not scope.cancel_called:
+                        call = mailbox.popleft()
+                        await self._run(act, call, scope)
+                self._answer_expired(call)
         finally:
             act.busy = False
             if not act.mailbox:
                 act.mailbox = None
-            act.last_used = anyio.current_time()
+            act.last_used = monotonic()
 
     async def _run_reentrant(self, act: Activation, call: Call) -> None:
         try:
@@ -192,10 +218,41 @@ class Catalog:
             if error is not None:
                 self._fail_activation(call, error)
             else:
-                await self._run(act, call)
+                with anyio.CancelScope() as scope:
+                    await self._run(act, call, scope)
+                self._answer_expired(call)
         finally:
             act.reentrant_running -= 1
-            act.last_used = anyio.current_time()
+            act.last_used = monotonic()
+
+    def _answer_expired(self, call: Call) -> None:
+        """Answer a call whose work the watcher cancelled at its deadline."""
+        if call.expired and not call.cancelled and call.reply is not None:
+            reply, call.reply = call.reply, None
+            reply(False, ("timeout", "RequestTimeout",
+                          f"the grain did not finish {call.method} before the caller's "
+                          "deadline; the work was cancelled"))
+
+    async def _watch_deadlines(self) -> None:
+        """Cancel the work of calls that outlive their deadline. Sleeps while no call
+        with a deadline runs; otherwise wakes at the earliest deadline, or after
+        `WATCH_TICK` to see calls that started since."""
+        running = self._running
+        while True:
+            if not running:
+                self._watch_wake = anyio.Event()
+                await self._watch_wake.wait()
+                continue
+            now = monotonic()
+            earliest = math.inf
+            for call, scope in list(running.items()):
+                if call.deadline <= now:
+                    del running[call]
+                    call.expired = True
+                    scope.cancel()
+                elif call.deadline < earliest:
+                    earliest = call.deadline
+            await anyio.sleep(min(earliest - now, WATCH_TICK))
 
     def _fail_activation(self, call: Call, error: BaseException) -> None:
         try:
@@ -205,54 +262,53 @@ class Catalog:
         finally:
             self._finished()
 
-    async def _run(self, act: Activation, call: Call) -> None:
+    async def _run(self, act: Activation, call: Call, scope: anyio.CancelScope) -> None:
+        """Run one call in `scope` (which the watcher or a Cancel may cancel) and reply."""
         try:
             if call.cancelled:
                 return
-            if call.deadline <= anyio.current_time():
+            deadline = call.deadline
+            if deadline <= monotonic():
                 if call.reply is not None:
                     call.reply(False, ("timeout", "RequestTimeout",
                                        "the call's deadline passed while it waited in the "
                                        "grain's queue"))
                 return
+            timed = deadline != math.inf
+            if timed:
+                running = self._running
+                if not running:
+                    self._watch_wake.set()
+                running[call] = scope
+            call.scope = scope
             token = set_caller(call.caller)  # forkcore.current_caller() in grain code
             try:
-                await self._invoke(act, call)
-            finally:
-                reset_caller(token)
-        finally:
-            call.scope = None
-            act.last_used = anyio.current_time()
-            self._finished()
-
-    async def _invoke(self, act: Activation, call: Call) -> None:
-        """Run the grain method within the caller's deadline and reply."""
-        method = getattr(act.grain, call.method)
-        with anyio.CancelScope(deadline=call.deadline) as scope:
-            call.scope = scope
-            try:
-                result = await method(*call.args, **call.kwargs)
+                result = await getattr(act.grain, call.method)(*call.args, **call.kwargs)
             except Exception as exc:
-                if call.reply is not None:
-                    call.reply(False, ("remote", type(exc).__name__, str(exc)))
+                reply, call.reply = call.reply, None
+                if reply is not None:
+                    reply(False, ("remote", type(exc).__name__, str(exc)))
                 else:
                     log.warning("one-way call %s.%s failed: %s: %s", act.grain_id,
                                 call.method, type(exc).__name__, exc)
                 return
-            if call.reply is not None:
-                call.reply(True, result)
-            return
-        if call.reply is not None and not call.cancelled:
-            call.reply(False, ("timeout", "RequestTimeout",
-                               f"the grain did not finish {call.method} before the "
-                               "caller's deadline; the work was cancelled"))
+            finally:
+                reset_caller(token)
+                call.scope = None
+                if timed:
+                    self._running.pop(call, None)
+            reply, call.reply = call.reply, None
+            if reply is not None:
+                reply(True, result)
+        finally:
+            self._finished()
 
     # -- collection -----------------------------------------------------------------------
 
     async def collect_idle(self, idle_timeout: float) -> int:
         """Deactivate activations idle for longer than `idle_timeout`; how many."""
         self._workers.trim()
-        cutoff = anyio.current_time() - idle_timeout
+        cutoff = monotonic() - idle_timeout
         victims = [a for a in self.activations.values() if a.idle and a.last_used <= cutoff]
         for act in victims:
             await self._deactivate(act)
@@ -267,9 +323,13 @@ class Catalog:
             log.warning("%d activations were not deactivated within %gs",
                         len(self.activations), timeout)
 
+    def _forget(self, act: Activation) -> None:
+        slot = (act.grain_id.interface, act.grain_id.key)
+        if self.activations.get(slot) is act:
+            del self.activations[slot]
+
     async def _deactivate(self, act: Activation) -> None:
-        if self.activations.get(act.grain_id) is act:
-            del self.activations[act.grain_id]
+        self._forget(act)
         if not act.active:
             return
         act.active = False

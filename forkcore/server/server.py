@@ -10,6 +10,7 @@ import types
 from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
+from time import monotonic
 from typing import Any
 
 import anyio
@@ -17,7 +18,7 @@ import anyio.abc
 
 from ..config import ServerOptions, load_config, options_from_kwargs
 from ..errors import ConfigError, ConnectError, ForkcoreError, ProtocolError, Unauthorized
-from ..grains import Grain, InterfaceSpec
+from ..grains import Grain, InterfaceSpec, Key, is_reentrant
 from ..plugins import create
 from ..protocol import codec
 from ..protocol.connection import ProtocolConnection
@@ -26,6 +27,8 @@ from ..protocol.messages import (
     FAIL_UNAUTHORIZED,
     FAIL_UNAVAILABLE,
     PROTOCOL_VERSION,
+    REQUEST,
+    RESPONSE,
     AuthChallenge,
     AuthProof,
     Cancel,
@@ -36,10 +39,11 @@ from ..protocol.messages import (
     Ping,
     Pong,
     Request,
-    Response,
     Stats,
     StatsRequest,
     Welcome,
+    from_wire,
+    request_fields,
 )
 from ..security import (
     ANONYMOUS,
@@ -132,16 +136,20 @@ class ServerConnection:
             pass
 
     def reply_for(self, request_id: int) -> Any:
+        calls = self.calls
+        encode_item = self.proto.encode_item
+        channel = self.channel
+
         def reply(ok: bool, value: Any) -> None:
-            self.calls.pop(request_id, None)
+            calls.pop(request_id, None)
             if ok:
                 try:
-                    body = self.proto.encode(Response(request_id, value))
+                    body = encode_item([RESPONSE, request_id, value])
                 except codec.WireTypeError as exc:
                     self.send(Failure(request_id, "remote", "WireTypeError", str(exc)))
                     return
                 try:
-                    self.channel.send(body)
+                    channel.send(body)
                 except ConnectError:
                     pass
             else:
@@ -173,9 +181,16 @@ class ServerConnection:
                 self.send(server.welcome)
                 if server.draining:
                     self.send(Goodbye("draining"))
+                receive = self.channel.receive
+                decode_item = self.proto.decode_item
+                request = self.request
                 while True:
-                    msg = self.proto.decode(await self.channel.receive())
-                    self.handle(msg)
+                    item = decode_item(await receive())
+                    code = item[0]
+                    if code == REQUEST and type(code) is int:
+                        request(*request_fields(item))  # the hot path, without a Request
+                    else:
+                        self.handle(from_wire(item))
             except TimeoutError:
                 log.info("closing connection from %s: no handshake within %gs", peer,
                          server.options.handshake_timeout)
@@ -244,7 +259,8 @@ class ServerConnection:
     def handle(self, msg: Any) -> None:
         t = type(msg)
         if t is Request:
-            self.request(msg)
+            self.request(msg.id, msg.interface, msg.key, msg.method, msg.args, msg.kwargs,
+                         msg.timeout)
         elif t is OneWay:
             self.one_way(msg)
         elif t is Ping:
@@ -262,35 +278,38 @@ class ServerConnection:
         else:
             raise ProtocolError(f"unexpected {t.__name__} from a client")
 
-    def request(self, req: Request) -> None:
+    def request(self, rid: int, interface: str, key: Key, method: str, args: list[Any],
+                kwargs: dict[str, Any], timeout: float | None) -> None:
         server = self.server
-        if req.id in self.calls:
-            raise ProtocolError(f"request id {req.id} is already in flight")
-        complaint = server.check_target(req.interface, req.method)
-        if complaint is not None:
-            self.send(Failure(req.id, FAIL_NOT_FOUND, "MethodNotFound", complaint))
+        calls = self.calls
+        if rid in calls:
+            raise ProtocolError(f"request id {rid} is already in flight")
+        target = server.targets.get((interface, method))
+        if target is None:
+            self.send(Failure(rid, FAIL_NOT_FOUND, "MethodNotFound",
+                              server.check_target(interface, method) or "not hosted"))
             return
-        required = server.roles[(req.interface, req.method)]
-        if required > self.identity.role:
-            self.send(Failure(req.id, FAIL_UNAUTHORIZED, "Unauthorized",
-                              f"{req.interface}.{req.method} requires role "
+        required, reentrant = target
+        identity = self.identity
+        if required > identity.role:
+            self.send(Failure(rid, FAIL_UNAUTHORIZED, "Unauthorized",
+                              f"{interface}.{method} requires role "
                               f"'{required.name.lower()}'; this connection is "
-                              f"'{self.identity.role.name.lower()}' ({self.identity.name})"))
+                              f"'{identity.role.name.lower()}' ({identity.name})"))
             return
         if server.draining:
-            self.send(Failure(req.id, FAIL_UNAVAILABLE, "ServerDraining",
+            self.send(Failure(rid, FAIL_UNAVAILABLE, "ServerDraining",
                               f"server {server.id} is shutting down; call another server"))
             return
-        if len(self.calls) >= server.options.max_in_flight:
-            self.send(Failure(req.id, FAIL_UNAVAILABLE, "TooManyCalls",
-                              f"more than {server.options.max_in_flight} calls in flight on "
+        if len(calls) >= server.max_in_flight:
+            self.send(Failure(rid, FAIL_UNAVAILABLE, "TooManyCalls",
+                              f"more than {server.max_in_flight} calls in flight on "
                               "one connection; wait for some to finish"))
             return
-        deadline = math.inf if req.timeout is None else anyio.current_time() + req.timeout
-        call = Call(req.method, req.args, req.kwargs, deadline, self.reply_for(req.id),
-                    self.identity)
-        self.calls[req.id] = call
-        server.catalog.submit(req.interface, req.key, call)
+        deadline = math.inf if timeout is None else monotonic() + timeout
+        call = Call(method, args, kwargs, deadline, self.reply_for(rid), identity)
+        calls[rid] = call
+        server.catalog.submit(interface, key, call, reentrant)
 
     def one_way(self, msg: OneWay) -> None:
         server = self.server
@@ -351,6 +370,10 @@ class Server:
         self.roles = {(name, method): required_role(spec.cls, getattr(spec.cls, method),
                                                     cls, getattr(cls, method))
                       for name, (spec, cls) in self.hosted.items() for method in spec.methods}
+        # (interface, method) → (required role, reentrant): one lookup per call
+        self.targets = {(name, method): (self.roles[(name, method)], is_reentrant(cls, method))
+                        for name, (spec, cls) in self.hosted.items() for method in spec.methods}
+        self.max_in_flight = options.max_in_flight
         self.welcome = Welcome(PROTOCOL_VERSION, options.id, options.zone,
                                dict(options.metadata),
                                tuple(spec.info() for spec, _ in self.hosted.values()))
