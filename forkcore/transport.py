@@ -139,12 +139,15 @@ class StreamChannel:
     def send(self, body: bytes, delivery: str = "reliable") -> None:
         if self._closed:
             raise ConnectError(f"connection to {self.peer} is closed")
-        self._pending.append(HEADER.pack(len(body)))
-        self._pending.append(body)
-        self._pending_bytes += len(body) + 4
+        pending = self._pending
+        size = len(body)
+        pending.append(HEADER.pack(size))
+        pending.append(body)
+        self._pending_bytes += size + 4
         if self._pending_bytes > self.HIGH_WATER and self._drained.is_set():
             self._drained = anyio.Event()
-        self._wake.set()
+        if len(pending) == 2:  # the first frame of this batch: wake the writer
+            self._wake.set()
 
     async def drain(self) -> None:
         if self._pending_bytes > self.HIGH_WATER:

@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+from anyio.lowlevel import checkpoint
 
 from ..grains import Grain, GrainId, InterfaceSpec, Key, is_reentrant
 from ..security import ANONYMOUS, Identity, reset_caller, set_caller
@@ -33,6 +34,9 @@ Reply = Callable[[bool, Any], None]
 # the watcher looks for new running calls at least this often (seconds): a call whose
 # timeout is shorter than this may be cancelled up to this much after its deadline
 WATCH_TICK = 0.1
+
+# a run of calls that never wait lets other tasks in after this many calls
+YIELD_EVERY = 16
 
 
 class Call:
@@ -202,9 +206,16 @@ class Catalog:
                     continue
                 # one scope for a run of calls; a fresh one after a call was cancelled
                 with anyio.CancelScope() as scope:
+                    ran = 0
                     while mailbox and not scope.cancel_called:
                         call = mailbox.popleft()
                         await self._run(act, call, scope)
+                        ran += 1
+                        if ran == YIELD_EVERY:
+                            # let the writer send what is answered so far (the caller
+                            # works on it while we go on) and let other tasks run
+                            ran = 0
+                            await checkpoint()
                 self._answer_expired(call)
         finally:
             act.busy = False
