@@ -454,8 +454,14 @@ class Client:
                 if self._watch_calls else None
             error: BaseException | None = None
             try:
-                result = await conn.request(grain_id.interface, grain_id.key, method.name,
-                                            args, kwargs, deadline)
+                rid, pending = conn.start(grain_id.interface, grain_id.key, method.name,
+                                          args, kwargs, deadline)
+                try:
+                    await pending.event.wait()  # the deadline watcher fails it when overdue
+                finally:
+                    if not pending.done:  # we were cancelled
+                        conn.abandon(rid)
+                result = pending.outcome()
             except NotSent as exc:
                 error = exc
                 continue  # never left: the next choice is safe
@@ -483,7 +489,9 @@ class Client:
                 if watched is not None:
                     self._observers.call_finished(watched, error)
             state.failures = 0
-            self._retry_budget.success()
+            budget = self._retry_budget
+            if budget.tokens < budget.capacity:
+                budget.success()
             return result
         raise NoServerAvailable(f"{grain_id}.{method.name}: no server took the call after "
                                 f"{MAX_ATTEMPTS} attempts; servers: " + ", ".join(

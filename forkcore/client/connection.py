@@ -36,7 +36,6 @@ from ..grains import Key
 from ..protocol.connection import ProtocolConnection
 from ..protocol.messages import (
     PROTOCOL_VERSION,
-    REQUEST,
     RESPONSE,
     AuthChallenge,
     AuthProof,
@@ -77,6 +76,12 @@ class Pending:
             self.done = True
             self.result = result
             self.event.set()
+
+    def outcome(self) -> Any:
+        """The result, or raise the error."""
+        if self.error is not None:
+            raise self.error
+        return self.result
 
     def fail(self, error: ForkcoreError) -> None:
         if not self.done:
@@ -223,13 +228,28 @@ class ClientConnection:
 
     async def request(self, interface: str, key: Key, method: str, args: list[Any],
                       kwargs: dict[str, Any], deadline: float) -> Any:
+        """Send one call and wait for its result (or typed error)."""
+        rid, pending = self.start(interface, key, method, args, kwargs, deadline)
+        try:
+            await pending.event.wait()  # the deadline watcher fails it when overdue
+        finally:
+            if not pending.done:  # the caller was cancelled
+                self.abandon(rid)
+        return pending.outcome()
+
+    def start(self, interface: str, key: Key, method: str, args: list[Any],
+              kwargs: dict[str, Any], deadline: float) -> tuple[int, Pending]:
+        """Send one call; the caller awaits `pending.event`, then takes
+        `pending.outcome()`, or calls `abandon(rid)` if it stops waiting first. (What
+        `request` does, in pieces, so `Client.invoke` can await without one more
+        coroutine frame on the hot path.)"""
         if self.closed:
             raise NotSent(f"connection to {self.server_id} ({self.endpoint}) is closed")
         rid = self._next_id
         self._next_id = rid + 1
         remaining = deadline - monotonic()
-        body = self.proto.encode_item([REQUEST, rid, interface, key, method, args, kwargs,
-                                       remaining if remaining > 0.0 else 0.0])
+        body = self.proto.encode_request(rid, interface, key, method, args, kwargs,
+                                         remaining if remaining > 0.0 else 0.0)
         try:
             self.channel.send(body)
         except ConnectError as exc:
@@ -241,15 +261,12 @@ class ClientConnection:
         heapq.heappush(deadlines, (deadline, rid, interface, method))
         if deadlines[0][1] == rid and deadline < self._watching_until:
             self._deadline_wake.set()  # earlier than what the watcher sleeps towards
-        try:
-            await pending.event.wait()  # the deadline watcher fails it when overdue
-        finally:
-            if not pending.done:  # the caller was cancelled
-                self.pending.pop(rid, None)
-                self._cancel(rid)
-        if pending.error is not None:
-            raise pending.error
-        return pending.result
+        return rid, pending
+
+    def abandon(self, rid: int) -> None:
+        """The caller stopped waiting for `rid` (it was cancelled)."""
+        self.pending.pop(rid, None)
+        self._cancel(rid)
 
     def _cancel(self, rid: int) -> None:
         """Tell the server we gave up on `rid`, so it can stop working on it."""

@@ -154,6 +154,18 @@ def _plain(value: Any, depth: int) -> bool:
     return False
 
 
+def encode_if_plain(item: Any, *parts: Any) -> bytes:
+    """`encode(item)`, where everything in `item` outside `parts` is known to be plain
+    (a message's own fields): only the parts are scanned."""
+    for part in parts:
+        if type(part) not in _PLAIN_TYPES and not _plain(part, 1):
+            return encode(item)
+    try:
+        return _dumps(item)
+    except (cbor2.CBOREncodeError, ValueError, TypeError):
+        return encode(item)  # says what is wrong
+
+
 def encode(value: Any) -> bytes:
     """Encode one value (a message body) to CBOR, or raise `WireTypeError`."""
     if _plain(value, 0):

@@ -16,6 +16,8 @@ from ..security import SessionCipher
 from . import codec
 from .messages import (
     PROTOCOL_VERSION,
+    REQUEST,
+    RESPONSE,
     AuthChallenge,
     AuthProof,
     Goodbye,
@@ -70,11 +72,19 @@ class ProtocolConnection:
         cipher = self.cipher
         return body if cipher is None else cipher.seal(body)
 
-    def encode_item(self, item: list[Any]) -> bytes:
-        """The frame body for a message already laid out as its array (see `to_wire`) on
-        an open connection: the hot path of requests and responses, without building a
-        message object only to take it apart again."""
-        body = codec.encode(item)
+    def encode_request(self, rid: int, interface: str, key: Any, method: str,
+                       args: list[Any], kwargs: dict[str, Any], timeout: float) -> bytes:
+        """The frame body of a Request on an open connection: the hot path, without a
+        message object built only to be taken apart. Only the arguments can hold values
+        of any type, so only they are checked for types that need our encoders."""
+        body = codec.encode_if_plain([REQUEST, rid, interface, key, method, args, kwargs,
+                                      timeout], args, kwargs)
+        cipher = self.cipher
+        return body if cipher is None else cipher.seal(body)
+
+    def encode_response(self, rid: int, result: Any) -> bytes:
+        """The frame body of a Response on an open connection (see `encode_request`)."""
+        body = codec.encode_if_plain([RESPONSE, rid, result], result)
         cipher = self.cipher
         return body if cipher is None else cipher.seal(body)
 

@@ -28,7 +28,6 @@ from ..protocol.messages import (
     FAIL_UNAVAILABLE,
     PROTOCOL_VERSION,
     REQUEST,
-    RESPONSE,
     AuthChallenge,
     AuthProof,
     Cancel,
@@ -137,14 +136,14 @@ class ServerConnection:
 
     def reply_for(self, request_id: int) -> Any:
         calls = self.calls
-        encode_item = self.proto.encode_item
+        encode_response = self.proto.encode_response
         channel = self.channel
 
         def reply(ok: bool, value: Any) -> None:
             calls.pop(request_id, None)
             if ok:
                 try:
-                    body = encode_item([RESPONSE, request_id, value])
+                    body = encode_response(request_id, value)
                 except codec.WireTypeError as exc:
                     self.send(Failure(request_id, "remote", "WireTypeError", str(exc)))
                     return
