@@ -108,6 +108,8 @@ class StreamChannel:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._wake = anyio.Event()
+        # the backend's Event class, made directly (anyio.Event() looks the backend up)
+        self._new_event: Any = type(self._wake)
         self._drained = anyio.Event()
         self._drained.set()
         self._closed = False
@@ -187,7 +189,7 @@ class StreamChannel:
                 if not self._pending:
                     if self._closed or self._closing:
                         return
-                    self._wake = anyio.Event()
+                    self._wake = self._new_event()
                     await self._wake.wait()
                     continue
                 data = b"".join(self._pending)

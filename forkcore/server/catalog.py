@@ -101,8 +101,7 @@ class Catalog:
         self.activations: OrderedDict[tuple[str, Key], Activation] = OrderedDict()
         self.running_calls = 0
         self.calls_total = 0
-        self._calls_done = anyio.Event()
-        self._calls_done.set()
+        self._calls_done: anyio.Event | None = None  # made by wait_idle, set when idle
         # calls running now that have a deadline, and the scope that cancels each
         self._running: dict[Call, anyio.CancelScope] = {}
         self._watch_wake = anyio.Event()
@@ -162,18 +161,18 @@ class Catalog:
 
     def _started(self) -> None:
         self.calls_total += 1
-        if self.running_calls == 0:
-            self._calls_done = anyio.Event()
         self.running_calls += 1
 
     def _finished(self) -> None:
         self.running_calls -= 1
-        if self.running_calls == 0:
+        if self.running_calls == 0 and self._calls_done is not None:
             self._calls_done.set()
 
     async def wait_idle(self) -> None:
         """Return once no call is queued or running."""
-        await self._calls_done.wait()
+        while self.running_calls:
+            self._calls_done = anyio.Event()
+            await self._calls_done.wait()
 
     # -- running --------------------------------------------------------------------------
 
@@ -247,12 +246,15 @@ class Catalog:
     async def _watch_deadlines(self) -> None:
         """Cancel the work of calls that outlive their deadline. Sleeps while no call
         with a deadline runs; otherwise wakes at the earliest deadline, or after
-        `WATCH_TICK` to see calls that started since."""
+        `WATCH_TICK` to see calls that started since. Woken by a call that starts while
+        it sleeps, it first waits a tick: most calls are over by then, and waking for
+        each one would cost a task switch per call."""
         running = self._running
         while True:
             if not running:
                 self._watch_wake = anyio.Event()
                 await self._watch_wake.wait()
+                await anyio.sleep(WATCH_TICK)
                 continue
             now = monotonic()
             earliest = math.inf
