@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="forkcore", description="Virtual-actor RPC: one client, many servers.")
     parser.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+    parser.add_argument("--loop", choices=LOOPS, default="asyncio",
+                        help="event loop: asyncio (default), uvloop (pip install "
+                             "'forkcore[uvloop]'; faster) or trio")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the [server] of a configuration file")
@@ -59,6 +62,28 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--players", type=int, default=300,
                       help="player grains in the workload (default 300)")
     return parser
+
+
+LOOPS = ("asyncio", "uvloop", "trio")
+
+
+def run(args: argparse.Namespace, fn: Any, *fn_args: Any) -> Any:
+    """`anyio.run(fn, *fn_args)` on the event loop chosen with `--loop`."""
+    loop = getattr(args, "loop", "asyncio")
+    if loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            raise ConfigError("--loop uvloop needs uvloop: pip install 'forkcore[uvloop]' "
+                              "(Linux and macOS)") from None
+        return anyio.run(fn, *fn_args, backend="asyncio",
+                         backend_options={"use_uvloop": True})
+    if loop == "trio":
+        try:
+            import trio  # noqa: F401
+        except ImportError:
+            raise ConfigError("--loop trio needs trio: pip install trio") from None
+    return anyio.run(fn, *fn_args, backend=loop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,7 +120,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if path not in sys.path:
             sys.path.insert(0, path)
     server = Server.from_config(args.config)
-    anyio.run(_serve, server)
+    run(args, _serve, server)
     return 0
 
 
@@ -152,11 +177,11 @@ def _cmd_call(args: argparse.Namespace) -> int:
                               "'\"text\"'") from None
     client = Client.from_config(args.config)
 
-    async def run() -> Any:
+    async def call_once() -> Any:
         async with client:
             return await client.call(args.interface, parse_key(args.key), args.method, *values)
 
-    result = anyio.run(run)
+    result = run(args, call_once)
     print(json.dumps(result, default=_json_default))
     return 0
 
@@ -170,7 +195,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.interval <= 0 or args.count < 0:
         raise ConfigError("--interval must be > 0 and --count >= 0")
     client = Client.from_config(args.config)
-    anyio.run(_status, client, args)
+    run(args, _status, client, args)
     return 0
 
 
@@ -247,7 +272,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.players < 1:
         raise ConfigError("--players must be at least 1")
-    anyio.run(run_demo, args.players)
+    run(args, run_demo, args.players)
     return 0
 
 

@@ -73,7 +73,7 @@ class ServeProcess:
 def start_server(directory: Path, server_id: str, extra: str = "",
                  timeout: float = 15.0, *, grains: str = '["grains_sample"]',
                  listen: str = "127.0.0.1:0", env: dict[str, str] | None = None,
-                 ) -> ServeProcess:
+                 cli_args: tuple[str, ...] = ()) -> ServeProcess:
     """Start `forkcore serve` (ephemeral loopback port unless `listen` says otherwise);
     return once it printed its ready line (or fail the test at the deadline)."""
     config = write(directory / f"{server_id}.toml",
@@ -81,7 +81,7 @@ def start_server(directory: Path, server_id: str, extra: str = "",
                    f'grains = {grains}\n{extra}')
     stderr_path = directory / f"{server_id}.stderr"
     with open(stderr_path, "ab") as stderr_file:
-        proc = subprocess.Popen([*CLI, "serve", "-c", str(config)], cwd=directory,
+        proc = subprocess.Popen([*CLI, *cli_args, "serve", "-c", str(config)], cwd=directory,
                                 env=cli_env(**(env or {})), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=stderr_file, bufsize=0)
     assert proc.stdout is not None

@@ -6,6 +6,7 @@ Every wait is bounded; every process a test starts is killed in teardown.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -20,6 +21,8 @@ from typing import Any
 
 import pytest
 from serving import CLI, ServeProcess, cli_env, start_server, write
+
+from forkcore.errors import ConfigError
 
 RUN_TIMEOUT = 20.0  # seconds any one CLI invocation may take before the test fails
 
@@ -175,6 +178,32 @@ def test_calls_accumulate(served: tuple[ServeProcess, Path]) -> None:
     assert call_ok(config, "test.counter", "acc", "add", "-3") == 7
     assert call_ok(config, "test.counter", "acc", "get") == 7
     assert call_ok(config, "test.counter", "other", "get") == 0
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "trio"])
+def test_serve_and_call_on_another_event_loop(tmp_path: Path, procs: list[Any],
+                                              loop: str) -> None:
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    server = start_server(tmp_path, f"loop-{loop}", cli_args=("--loop", loop))
+    procs.append(server)
+    config = client_toml(tmp_path / "client.toml", server.port)
+    result = run_cli("--loop", loop, "call", "-c", str(config), "test.counter", "k", "add",
+                     "2", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, "2\n"), result.stderr
+
+
+def test_loop_uvloop_without_uvloop_says_what_to_install(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from forkcore import cli
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import fails as if not installed
+
+    async def nothing() -> None:
+        return None
+
+    with pytest.raises(ConfigError, match=r"pip install 'forkcore\[uvloop\]'"):
+        cli.run(argparse.Namespace(loop="uvloop"), nothing)
 
 
 @pytest.mark.parametrize(("key_arg", "key"), [
