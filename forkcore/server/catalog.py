@@ -196,26 +196,10 @@ class Catalog:
         return None
 
     async def _drain(self, act: Activation) -> None:
-        mailbox = act.mailbox
         try:
             error = await self._activate(act)
-            while mailbox:
-                if error is not None:
-                    self._fail_activation(mailbox.popleft(), error)
-                    continue
-                # one scope for a run of calls; a fresh one after a call was cancelled
-                with anyio.CancelScope() as scope:
-                    ran = 0
-                    while mailbox and not scope.cancel_called:
-                        call = mailbox.popleft()
-                        await self._run(act, call, scope)
-                        ran += 1
-                        if ran == YIELD_EVERY:
-                            # let the writer send what is answered so far (the caller
-                            # works on it while we go on) and let other tasks run
-                            ran = 0
-                            await checkpoint()
-                self._answer_expired(call)
+            assert act.mailbox is not None
+            await self._run_calls(act, act.mailbox, error)
         finally:
             act.busy = False
             if not act.mailbox:
@@ -225,15 +209,80 @@ class Catalog:
     async def _run_reentrant(self, act: Activation, call: Call) -> None:
         try:
             error = await self._activate(act)
-            if error is not None:
-                self._fail_activation(call, error)
-            else:
-                with anyio.CancelScope() as scope:
-                    await self._run(act, call, scope)
-                self._answer_expired(call)
+            await self._run_calls(act, deque((call,)), error)
         finally:
             act.reentrant_running -= 1
             act.last_used = monotonic()
+
+    async def _run_calls(self, act: Activation, calls: deque[Call],
+                         error: BaseException | None) -> None:
+        """Run `calls` one after another until none is left (more may arrive meanwhile)
+        and answer each. They share one cancel scope until one is cancelled (by the
+        deadline watcher or a Cancel), then the rest go on in a fresh one."""
+        running = self._running
+        first_token = None
+        caller = None
+        try:
+            while calls:
+                if error is not None:
+                    self._fail_activation(calls.popleft(), error)
+                    continue
+                with anyio.CancelScope() as scope:
+                    ran = 0
+                    while calls and not scope.cancel_called:
+                        if ran == YIELD_EVERY:
+                            # let the writer send what is answered so far (the caller
+                            # works on it while we go on) and let other tasks run
+                            ran = 0
+                            await checkpoint()
+                            continue
+                        ran += 1
+                        call = calls.popleft()
+                        try:
+                            if call.cancelled:
+                                continue
+                            deadline = call.deadline
+                            if deadline <= monotonic():
+                                if call.reply is not None:
+                                    call.reply(False, (
+                                        "timeout", "RequestTimeout", "the call's deadline "
+                                        "passed while it waited in the grain's queue"))
+                                continue
+                            if call.caller is not caller:
+                                caller = call.caller  # forkcore.current_caller()
+                                token = set_caller(caller)
+                                first_token = first_token or token
+                            timed = deadline != math.inf
+                            if timed:
+                                if not running:
+                                    self._watch_wake.set()
+                                running[call] = scope
+                            call.scope = scope
+                            try:
+                                result = await getattr(act.grain, call.method)(
+                                    *call.args, **call.kwargs)
+                            except Exception as exc:
+                                reply, call.reply = call.reply, None
+                                if reply is not None:
+                                    reply(False, ("remote", type(exc).__name__, str(exc)))
+                                else:
+                                    log.warning("one-way call %s.%s failed: %s: %s",
+                                                act.grain_id, call.method,
+                                                type(exc).__name__, exc)
+                                continue
+                            finally:
+                                call.scope = None
+                                if timed:
+                                    running.pop(call, None)
+                            reply, call.reply = call.reply, None
+                            if reply is not None:
+                                reply(True, result)
+                        finally:
+                            self._finished()
+                self._answer_expired(call)
+        finally:
+            if first_token is not None:
+                reset_caller(first_token)
 
     def _answer_expired(self, call: Call) -> None:
         """Answer a call whose work the watcher cancelled at its deadline."""
@@ -272,47 +321,6 @@ class Catalog:
             if call.reply is not None:
                 call.reply(False, ("remote", type(error).__name__,
                                    f"on_activate failed: {error}"))
-        finally:
-            self._finished()
-
-    async def _run(self, act: Activation, call: Call, scope: anyio.CancelScope) -> None:
-        """Run one call in `scope` (which the watcher or a Cancel may cancel) and reply."""
-        try:
-            if call.cancelled:
-                return
-            deadline = call.deadline
-            if deadline <= monotonic():
-                if call.reply is not None:
-                    call.reply(False, ("timeout", "RequestTimeout",
-                                       "the call's deadline passed while it waited in the "
-                                       "grain's queue"))
-                return
-            timed = deadline != math.inf
-            if timed:
-                running = self._running
-                if not running:
-                    self._watch_wake.set()
-                running[call] = scope
-            call.scope = scope
-            token = set_caller(call.caller)  # forkcore.current_caller() in grain code
-            try:
-                result = await getattr(act.grain, call.method)(*call.args, **call.kwargs)
-            except Exception as exc:
-                reply, call.reply = call.reply, None
-                if reply is not None:
-                    reply(False, ("remote", type(exc).__name__, str(exc)))
-                else:
-                    log.warning("one-way call %s.%s failed: %s: %s", act.grain_id,
-                                call.method, type(exc).__name__, exc)
-                return
-            finally:
-                reset_caller(token)
-                call.scope = None
-                if timed:
-                    self._running.pop(call, None)
-            reply, call.reply = call.reply, None
-            if reply is not None:
-                reply(True, result)
         finally:
             self._finished()
 
