@@ -461,7 +461,9 @@ class Client:
                 finally:
                     if not pending.done:  # we were cancelled
                         conn.abandon(rid)
-                result = pending.outcome()
+                if pending.error is not None:
+                    raise pending.error
+                result = pending.result
             except NotSent as exc:
                 error = exc
                 continue  # never left: the next choice is safe

@@ -158,7 +158,7 @@ def encode_if_plain(item: Any, *parts: Any) -> bytes:
     """`encode(item)`, where everything in `item` outside `parts` is known to be plain
     (a message's own fields): only the parts are scanned."""
     for part in parts:
-        if type(part) not in _PLAIN_TYPES and not _plain(part, 1):
+        if part and type(part) not in _PLAIN_TYPES and not _plain(part, 1):
             return encode(item)
     try:
         return _dumps(item)
