@@ -69,6 +69,11 @@ class BoundedQuicConnection(QuicConnection):
 
     # -- windows ----------------------------------------------------------------------
 
+    @property
+    def smallest_window(self) -> int:
+        """The smaller of the stream and connection receive windows, in bytes."""
+        return min(self._stream_window, self._connection_window)
+
     def window_update_due(self) -> bool:
         """Would a MAX_DATA or MAX_STREAM_DATA go out if we transmitted now?"""
         if self.consumed_total + self._connection_window - self._local_max_data.value \
