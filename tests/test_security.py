@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
@@ -276,6 +277,75 @@ async def test_activations_are_capped_by_evicting_idle_ones() -> None:
             # the most recent grains kept their state; the evicted ones start afresh
             assert await c.get_grain(ICounter, 24).get() == 1
             assert await c.get_grain(ICounter, 0).get() == 0
+
+
+class ISink(forkcore.GrainInterface, name="test.sink"):
+    @forkcore.rpc(one_way=True)
+    async def put(self, n: int) -> None: ...
+
+
+class Sink(forkcore.Grain, ISink):
+    """One-way calls that wait at a gate the test opens."""
+
+    gate: anyio.Event
+    started = 0
+    finished = 0
+
+    async def put(self, n: int) -> None:
+        Sink.started += 1
+        await Sink.gate.wait()
+        Sink.finished += 1
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_one_way_calls_count_against_max_in_flight(
+        transport: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A client flooding one-way calls at a stuck grain gets at most max_in_flight of
+    them queued or running; the rest are dropped (one warning), and calls on another
+    connection are served meanwhile. Requests and one-way calls share the limit."""
+    Sink.gate, Sink.started, Sink.finished = anyio.Event(), 0, 0
+    limit, flood = 16, 500
+    with caplog.at_level(logging.WARNING, logger="forkcore.server"):
+        async with forkcore.Server(id="flood", transport=transport, grains=[Sink, Counter],
+                                   max_in_flight=limit) as s:
+            endpoint = s.endpoint or ""
+            async with forkcore.Client(servers=[endpoint], transport=transport,
+                                       request_timeout=2.0) as flooder, \
+                    forkcore.Client(servers=[endpoint], transport=transport,
+                                    request_timeout=2.0) as other, AsyncExitStack() as stack:
+                sink = flooder.get_grain(ISink, "stuck")
+                stack.callback(Sink.gate.set)  # never leave the server waiting on the gate
+                for n in range(flood):
+                    await sink.put(n)
+                with anyio.fail_after(5):
+                    while s.stats()["one_way_dropped"] < flood - limit:
+                        await anyio.sleep(0.01)
+                stats = s.stats()
+                assert stats["one_way_dropped"] == flood - limit
+                assert stats["in_flight"] == limit  # one running, the rest queued
+                # another connection is served while this one is full ...
+                with anyio.fail_after(2):
+                    assert await other.get_grain(ICounter, "c").add(1) == 1
+                # ... but not the full one: its requests share the limit
+                with pytest.raises(forkcore.errors.NoServerAvailable):
+                    await flooder.get_grain(ICounter, "c").add(1)
+                Sink.gate.set()
+                with anyio.fail_after(5):
+                    while s.stats()["in_flight"]:
+                        await anyio.sleep(0.01)
+                assert (Sink.started, Sink.finished) == (limit, limit)
+                # the finished calls were counted out: the connection takes calls again
+                for n in range(3):
+                    await sink.put(n)
+                with anyio.fail_after(5):
+                    while Sink.finished < limit + 3:
+                        await anyio.sleep(0.01)
+                assert s.stats()["one_way_dropped"] == flood - limit
+                assert await flooder.get_grain(ICounter, "c").add(1) == 2
+    warnings = [r.getMessage() for r in caplog.records if "one-way call" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "dropped 1 one-way call(s) from" in warnings[0]
+    assert "max_in_flight" in warnings[0]
 
 
 async def test_300_silent_connections_are_closed_and_do_not_starve_a_client() -> None:

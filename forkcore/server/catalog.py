@@ -26,19 +26,23 @@ Reply = Callable[[bool, Any], None]
 
 
 class Call:
-    """One call waiting for or running on an activation."""
+    """One call waiting for or running on an activation. `reply` is None for a one-way
+    call; `done`, if given, is called once the call has left the catalog (run, failed or
+    cancelled)."""
 
-    __slots__ = ("args", "caller", "cancelled", "deadline", "kwargs", "method", "reply",
-                 "scope")
+    __slots__ = ("args", "caller", "cancelled", "deadline", "done", "kwargs", "method",
+                 "reply", "scope")
 
     def __init__(self, method: str, args: list[Any], kwargs: dict[str, Any], deadline: float,
-                 reply: Reply | None, caller: Identity = ANONYMOUS) -> None:
+                 reply: Reply | None, caller: Identity = ANONYMOUS,
+                 done: Callable[[], None] | None = None) -> None:
         self.caller = caller
         self.method = method
         self.args = args
         self.kwargs = kwargs
         self.deadline = deadline
         self.reply = reply
+        self.done = done
         self.cancelled = False
         self.scope: anyio.CancelScope | None = None
 
@@ -204,6 +208,8 @@ class Catalog:
                                    f"on_activate failed: {error}"))
         finally:
             self._finished()
+            if call.done is not None:
+                call.done()
 
     async def _run(self, act: Activation, call: Call) -> None:
         try:
@@ -224,6 +230,8 @@ class Catalog:
             call.scope = None
             act.last_used = anyio.current_time()
             self._finished()
+            if call.done is not None:
+                call.done()
 
     async def _invoke(self, act: Activation, call: Call) -> None:
         """Run the grain method within the caller's deadline and reply."""

@@ -114,13 +114,18 @@ def host_table(classes: Iterable[type[Grain]]) -> dict[str, tuple[InterfaceSpec,
 class ServerConnection:
     """One accepted client connection: handshake, then requests until it closes."""
 
-    __slots__ = ("calls", "channel", "client_id", "identity", "proto", "scope", "server")
+    __slots__ = ("calls", "channel", "client_id", "dropped", "dropped_logged_at", "identity",
+                 "one_ways", "proto", "scope", "server")
 
     def __init__(self, server: Server, channel: Channel) -> None:
         self.server = server
         self.channel = channel
         self.proto = ProtocolConnection("server", max_depth=server.options.max_depth)
         self.calls: dict[int, Call] = {}
+        # one-way calls queued or running; with `calls`, counted against max_in_flight
+        self.one_ways = 0
+        self.dropped = 0  # one-way calls dropped since the last warning about it
+        self.dropped_logged_at = -math.inf
         self.client_id = "?"
         self.identity = ANONYMOUS
         self.scope = anyio.CancelScope()
@@ -281,7 +286,7 @@ class ServerConnection:
             self.send(Failure(req.id, FAIL_UNAVAILABLE, "ServerDraining",
                               f"server {server.id} is shutting down; call another server"))
             return
-        if len(self.calls) >= server.options.max_in_flight:
+        if len(self.calls) + self.one_ways >= server.options.max_in_flight:
             self.send(Failure(req.id, FAIL_UNAVAILABLE, "TooManyCalls",
                               f"more than {server.options.max_in_flight} calls in flight on "
                               "one connection; wait for some to finish"))
@@ -300,9 +305,33 @@ class ServerConnection:
             return
         if server.draining or server.roles[(msg.interface, msg.method)] > self.identity.role:
             return
+        if len(self.calls) + self.one_ways >= server.options.max_in_flight:
+            self.drop_one_way(msg)
+            return
+        self.one_ways += 1
         server.catalog.submit(msg.interface, msg.key,
                               Call(msg.method, msg.args, msg.kwargs, math.inf, None,
-                                   self.identity))
+                                   self.identity, self.one_way_done))
+
+    def one_way_done(self) -> None:
+        self.one_ways -= 1
+
+    def drop_one_way(self, msg: OneWay) -> None:
+        """A one-way call beyond max_in_flight has no reply to refuse it with: drop it,
+        count it, and say so in the log at most once a minute per connection."""
+        server = self.server
+        server.one_way_dropped += 1
+        self.dropped += 1
+        now = anyio.current_time()
+        if now - self.dropped_logged_at >= 60.0:
+            log.warning("server %s dropped %d one-way call(s) from %s (%s), the last one "
+                        "%s.%s: the connection already has %d calls queued or running "
+                        "(max_in_flight); the client sends one-way calls faster than the "
+                        "grains run them", server.id, self.dropped, self.channel.peer,
+                        self.client_id, msg.interface, msg.method,
+                        len(self.calls) + self.one_ways)
+            self.dropped_logged_at = now
+            self.dropped = 0
 
 
 class Server:
@@ -342,6 +371,7 @@ class Server:
             "authenticator", sec.authenticator, sec.authenticator_options,
             f"{where}.security", "authenticator", "authenticator_options")
         self._refusals: dict[str, float] = {}
+        self.one_way_dropped = 0  # one-way calls dropped for max_in_flight, since start
         self._per_address: dict[str, int] = {}
         self.options = options
         self.id = options.id
@@ -396,7 +426,7 @@ class Server:
                 "activations": len(catalog.activations),
                 "connections": len(self._connections),
                 "uptime": anyio.current_time() - self._started_at,
-                "draining": self.draining}
+                "draining": self.draining, "one_way_dropped": self.one_way_dropped}
 
     @property
     def connection_count(self) -> int:
