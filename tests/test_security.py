@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -15,6 +15,8 @@ from grains_sample import Counter, ICounter
 import forkcore
 from forkcore.errors import ConfigError, Unauthorized
 from forkcore.plugins import get_plugin_manager, registry
+from forkcore.protocol import codec
+from forkcore.protocol.messages import AuthChallenge, Welcome, from_wire
 
 pytestmark = pytest.mark.anyio
 
@@ -178,6 +180,101 @@ async def test_psk_session_over_tcp_is_encrypted(relayed: Any, with_key: bool) -
     wire = bytes(relay.upstream)
     assert (b"plaintext-marker-123" in wire) is not with_key
     assert (b"test.counter" in wire) is not with_key
+
+
+SENT_BY_SERVERS: list[bytes] = []  # frames the `marked` transport's servers sent
+
+
+class MarkedTransport:
+    """Transport `marked`, for the negotiation test: `memory`, with the client's and the
+    server's channels marked `secure` as told, and the frames servers send recorded."""
+
+    name = "marked"
+
+    def __init__(self, *, client_secure: bool = False, server_secure: bool = False) -> None:
+        from forkcore.transport import MemoryTransport
+
+        self.inner = MemoryTransport()
+        self.client_secure = client_secure
+        self.server_secure = server_secure
+
+    @asynccontextmanager
+    async def connect(self, endpoint: str, *, timeout: float) -> AsyncIterator[Any]:
+        async with self.inner.connect(endpoint, timeout=timeout) as channel:
+            channel.secure = self.client_secure
+            yield channel
+
+    @asynccontextmanager
+    async def listen(self, endpoint: str) -> AsyncIterator[Any]:
+        async with self.inner.listen(endpoint) as listener:
+            yield MarkedListener(listener, self.server_secure)
+
+
+class MarkedListener:
+    def __init__(self, inner: Any, secure: bool) -> None:
+        self.inner = inner
+        self.endpoint = inner.endpoint
+        self.secure = secure
+
+    def stop_accepting(self) -> None:
+        self.inner.stop_accepting()
+
+    async def serve(self, handler: Any) -> None:
+        async def marked(channel: Any) -> None:
+            channel.secure = self.secure
+            send = channel.send
+
+            def recorded(body: bytes, delivery: str = "reliable") -> None:
+                SENT_BY_SERVERS.append(body)
+                send(body, delivery)
+
+            channel.send = recorded
+            await handler(channel)
+
+        await self.inner.serve(marked)
+
+
+@pytest.fixture
+def marked_transport() -> Iterator[None]:
+    class Plugin:
+        @forkcore.hookimpl
+        def forkcore_register_transports(self, register: Any) -> None:
+            register("marked", MarkedTransport)
+
+    plugin = Plugin()
+    get_plugin_manager().register(plugin, name="test-marked")
+    SENT_BY_SERVERS.clear()
+    yield
+    get_plugin_manager().unregister(plugin)
+
+
+@pytest.mark.usefixtures("marked_transport")
+@pytest.mark.parametrize(("client_secure", "server_secure", "sealed"), [
+    (True, True, False),  # verified TLS (or QUIC) both ways: not encrypted twice
+    (False, True, True),  # TLS the client could not verify (insecure): the key encrypts
+    (True, False, True),  # more encryption than the client asked for is fine
+    (False, False, True),  # plain TCP
+])
+async def test_psk_session_encryption_is_negotiated(client_secure: bool, server_secure: bool,
+                                                    sealed: bool) -> None:
+    """The client asks for encryption unless its channel is secure (encrypted, server
+    verified); the server encrypts when asked or when its own channel is not secure, and
+    says so in the AuthChallenge."""
+    options = {"client_secure": client_secure, "server_secure": server_secure}
+    marker = "negotiation-marker-42"
+    async with forkcore.Server(id="neg", transport="marked", grains=[Counter],
+                               transport_options=options, security={"psk": KEY}) as s:
+        async with forkcore.Client(servers=[s.endpoint or ""], transport="marked",
+                                   transport_options=options, security={"psk": KEY},
+                                   connect_timeout=2.0) as c:
+            assert await c.get_grain(ICounter, "k").echo(marker) == marker
+    challenge = from_wire(codec.decode(SENT_BY_SERVERS[0]))
+    assert isinstance(challenge, AuthChallenge)
+    assert challenge.encrypt is sealed
+    after = SENT_BY_SERVERS[1:]  # Welcome, the Response, ...
+    assert (marker.encode() in b"".join(after)) is not sealed
+    if not sealed:
+        assert isinstance(from_wire(codec.decode(after[0])), Welcome)
 
 
 async def test_roles_are_enforced_per_method_and_interface(transport: str) -> None:

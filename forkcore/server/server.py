@@ -215,14 +215,23 @@ class ServerConnection:
                     or len(client_nonce) != NONCE_SIZE or not isinstance(name, str):
                 raise Unauthorized("this server requires the cluster's pre-shared key: set "
                                    "psk or psk_file in [client.security]")
+            wanted = auth.get("encrypt")
+            if not isinstance(wanted, bool):
+                raise Unauthorized("the client did not say whether it wants the session "
+                                   "encrypted (Hello auth 'encrypt'): upgrade the client")
+            # the client wants encryption unless its channel is encrypted and the server
+            # verified; encrypt also when this side's channel does not encrypt at all
+            encrypt = wanted or not getattr(self.channel, "secure", False)
             server_nonce = new_nonce()
             self.send(AuthChallenge(server_nonce,
-                                    proof(key, "server", client_nonce, server_nonce, name)))
+                                    proof(key, "server", client_nonce, server_nonce, name,
+                                          wanted=wanted, encrypted=encrypt), encrypt))
             answer = self.proto.decode(await self.channel.receive())
             if not isinstance(answer, AuthProof) or not proofs_match(
-                    proof(key, "client", client_nonce, server_nonce, name), answer.proof):
+                    proof(key, "client", client_nonce, server_nonce, name, wanted=wanted,
+                          encrypted=encrypt), answer.proof):
                 raise Unauthorized("wrong pre-shared key")
-            if not getattr(self.channel, "secure", False):
+            if encrypt:
                 self.proto.cipher = SessionCipher(key, client_nonce, server_nonce, "server")
             identity = Identity(name[:128], server.psk_role, "psk")
         token = auth.get("token")
