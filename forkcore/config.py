@@ -207,7 +207,9 @@ class ServerOptions:
     handshake_timeout: float = option(5.0, types=NUMBER, check=positive,
                                       doc="seconds a new connection has to complete its handshake")
     max_in_flight: int = option(1024, types=(int,), check=at_least_one,
-                                doc="calls in flight per connection; the excess is refused")
+                                doc="calls queued or running per connection, requests and "
+                                    "one-way calls together; an excess request is refused "
+                                    "(TooManyCalls), an excess one-way call dropped")
     max_depth: int = option(64, types=(int,), check=at_least_one,
                             doc="maximum nesting depth of a received value")
     security: ServerSecurityOptions = option(factory=ServerSecurityOptions,

@@ -1,13 +1,15 @@
 """Identities, roles, pre-shared-key authentication and the session cipher.
 
-The PSK handshake is a mutual challenge-response: the client sends a fresh nonce Nc, the
-server answers with its own nonce Ns and HMAC-SHA256(K, "forkcore/1 server" | Nc | Ns |
-identity), the client checks it and answers HMAC-SHA256(K, "forkcore/1 client" | Nc |
-Ns | identity); both compare in constant time. Keys for the rest of the session are
+The PSK handshake is a mutual challenge-response: the client sends a fresh nonce Nc and
+whether it wants the session encrypted (W: yes unless its channel is encrypted and the
+server's certificate verified), the server decides (E = W, or yes if its own channel does
+not encrypt) and answers with its own nonce Ns, E and HMAC-SHA256(K, "forkcore/1 server"
+| Nc | Ns | W | E | identity), the client checks it and answers HMAC-SHA256(K,
+"forkcore/1 client" | Nc | Ns | W | E | identity); both compare in constant time. So a
+man in the middle cannot change W or E without the proofs failing, and the client
+refuses E = no when it asked for W = yes. With E, keys for the rest of the session are
 HKDF-SHA256(K, salt = Nc | Ns, info = "forkcore/1 <direction>"), used with
-ChaCha20-Poly1305 and a per-direction frame counter as nonce (docs/security.md). On a
-transport that already encrypts (QUIC, TLS) the handshake runs the same but frames are
-not encrypted twice.
+ChaCha20-Poly1305 and a per-direction frame counter as nonce (docs/security.md).
 """
 
 from __future__ import annotations
@@ -132,11 +134,13 @@ def new_nonce() -> bytes:
     return os.urandom(NONCE_SIZE)
 
 
-def proof(key: bytes, side: str, client_nonce: bytes, server_nonce: bytes,
-          identity: str) -> bytes:
-    """HMAC-SHA256 proving knowledge of `key`, bound to both nonces and the identity."""
+def proof(key: bytes, side: str, client_nonce: bytes, server_nonce: bytes, identity: str,
+          *, wanted: bool, encrypted: bool) -> bytes:
+    """HMAC-SHA256 proving knowledge of `key`, bound to both nonces, whether the client
+    asked for the session to be encrypted (`wanted`), whether the server decided to
+    encrypt it (`encrypted`) and the identity."""
     message = LABEL + side.encode() + b"\0" + client_nonce + server_nonce + \
-        identity.encode("utf-8")
+        bytes((wanted, encrypted)) + identity.encode("utf-8")
     return hmac.new(key, message, hashlib.sha256).digest()
 
 

@@ -30,8 +30,21 @@ Handler = Callable[["Channel"], Awaitable[None]]
 class Channel(Protocol):
     """One connection, carrying whole frame bodies in both directions.
 
-    `secure` is True when the transport itself authenticates and encrypts (TLS, QUIC),
-    so the core does not encrypt a pre-shared-key session a second time."""
+    `secure` says whether nobody between the two ends can read or alter the frames
+    without the transport noticing:
+
+    - on a client's channel, True only when the transport encrypts and authenticates the
+      bytes (TLS, QUIC) *and* has verified the server's certificate (a CA, a pinned
+      fingerprint, a certificate this process generated). TLS without verification
+      (`insecure`) is False: it may be a man in the middle's TLS;
+    - on a server's channel, True when the transport encrypts and authenticates the
+      bytes (the server cannot know whether the client verified it).
+
+    With a pre-shared key, a client asks for the session to be encrypted by the core
+    unless its channel is secure, and the server encrypts when asked or when its own
+    channel is not secure; the decision is covered by both sides' proofs
+    (docs/security.md, section 4.7). False is always safe: it costs a second encryption
+    at most."""
 
     peer: str
     secure: bool
@@ -97,7 +110,7 @@ class StreamChannel:
     """Frames over a byte stream, with coalesced writes and a frame size limit."""
 
     HIGH_WATER = 4 * 1024 * 1024
-    secure = False  # set True by transports that wrap the stream in TLS
+    secure = False  # set by transports that wrap the stream in TLS (see Channel)
     FLUSH_TIMEOUT = 1.0  # seconds a closing channel may spend sending what is queued
 
     def __init__(self, stream: Any, peer: str, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):

@@ -215,7 +215,7 @@ others = st.one_of(
     st.builds(Response, ids, values),
     st.builds(Failure, ids, texts, texts, texts),
     st.builds(Goodbye, texts),
-    st.builds(AuthChallenge, st.binary(max_size=70), st.binary(max_size=70)),
+    st.builds(AuthChallenge, st.binary(max_size=70), st.binary(max_size=70), st.booleans()),
     st.builds(AuthProof, st.binary(max_size=70)),
 )
 messages = calls | others
@@ -442,7 +442,7 @@ class Harness:
         nonce = new_nonce()
         auth: dict[str, Any] = {}
         if self.security == "psk":
-            auth = {"method": "psk", "nonce": nonce, "identity": "fuzzer"}
+            auth = {"method": "psk", "nonce": nonce, "identity": "fuzzer", "encrypt": True}
         elif token is not None:
             auth = {"token": token}
         await raw.send_body(proto.encode(Hello(PROTOCOL_VERSION, "fuzzer", (), auth or None)))
@@ -457,10 +457,13 @@ class Harness:
                 assert isinstance(msg, Welcome if token != "forged" else Goodbye), msg
                 return None
             assert isinstance(msg, AuthChallenge), msg
+            assert msg.encrypt is True
             key = KEY.encode()
-            assert msg.proof == proof(key, "server", nonce, msg.nonce, "fuzzer")
+            assert msg.proof == proof(key, "server", nonce, msg.nonce, "fuzzer", wanted=True,
+                                      encrypted=True)
             await raw.send_body(proto.encode(AuthProof(
-                proof(key, "client", nonce, msg.nonce, "fuzzer"))))
+                proof(key, "client", nonce, msg.nonce, "fuzzer", wanted=True,
+                      encrypted=True))))
             cipher = SessionCipher(key, nonce, msg.nonce, "client")
             body = await raw.receive()
             assert body is not None, "the server closed a connection that proved the key"

@@ -13,19 +13,25 @@ failure it may raise is `ProtocolError`.
 
 from __future__ import annotations
 
+import collections
+import datetime
+import itertools
 import logging
 import random
 import struct
+import time
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import anyio.abc
+import attrs
 import cbor2
 import pytest
-from grains_sample import Counter, ICounter
+from grains_sample import Counter, ICounter, Point
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -469,6 +475,150 @@ async def test_protocol_errors_do_not_crash_the_connection_handler(
     assert errors == []
 
 
+# -- hash flooding ------------------------------------------------------------------------------
+#
+# Python does not randomize the hashes of ints (hash(n) == n % (2**61 - 1) for n >= 0), UUIDs
+# (the hash of their int), tuples and attrs classes (combinations of their items' hashes).
+# Thousands of distinct map keys sharing one hash make each dict insertion compare against
+# all the others: before the guard, the UUID frame below took ~40 s to decode, the tuple
+# frames ~15 s, the bignum frame ~7 s, blocking the server's event loop all along.
+
+M61 = 2**61 - 1
+FLOOD = 20_000  # keys per flooding map
+FLOOD_DECODE_BOUND = 2.0  # seconds; a guarded decode of one flooding frame takes ~0.05 s
+
+
+def _ones() -> list[int]:
+    """The ints of at most 64 bits whose hash is 1."""
+    return [1 + k * M61 for k in range(9)]
+
+
+def _raw_map(pairs: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """A CBOR map from already encoded (key, value) pairs."""
+    return b"\xb9" + struct.pack(">H", len(pairs)) + b"".join(k + v for k, v in pairs)
+
+
+def flooding_maps() -> dict[str, bytes]:
+    """CBOR maps with thousands of distinct keys sharing one hash, one per kind of key
+    (built from encoded keys: a Python dict of them would take as long as decoding)."""
+    ones = _ones()
+    small_tuples = list(itertools.product(ones, repeat=5))[:FLOOD]  # plain ints inside
+
+    def flood(keys: Iterable[Any], encode: Callable[[Any], bytes] = codec.encode) -> bytes:
+        zero = cbor2.dumps(0)
+        return _raw_map([(encode(key), zero) for key in keys])
+
+    return {
+        "uuid": flood(uuid.UUID(int=k * M61) for k in range(1, FLOOD + 1)),
+        "bignum": flood(2**64 + k * M61 for k in range(FLOOD)),
+        "negative bignum": flood(-(2**64) - k * M61 for k in range(FLOOD)),
+        "tuple": flood(small_tuples),
+        "untagged array": flood(small_tuples, cbor2.dumps),  # cbor2 sends plain arrays
+        "wire type": flood(Point(x, y) for x in ones for y in ones),
+        "map": flood(({a: b} for a, b in itertools.product(ones, repeat=2)), cbor2.dumps),
+    }
+
+
+def _request_with(value: bytes) -> bytes:
+    """A Request whose single argument is the (already encoded) `value`."""
+    return b"\x88\x03\x01" + cbor2.dumps("test.counter") + cbor2.dumps("k") + \
+        cbor2.dumps("echo") + b"\x81" + value + b"\xa0\xf6"
+
+
+def test_flooding_map_decode_is_refused_at_once() -> None:
+    for kind, data in flooding_maps().items():
+        for body in (data, _request_with(data)):
+            started = time.perf_counter()
+            with pytest.raises(ProtocolError) as caught:
+                codec.decode(body)
+            took = time.perf_counter() - started
+            assert took < FLOOD_DECODE_BOUND, f"{kind}: decode took {took:.2f}s"
+            message = str(caught.value)
+            if kind == "map":
+                assert "a map is used as a map key" in message
+            else:
+                assert "identical hashes" in message and "hash flooding" in message, message
+
+
+@pytest.mark.anyio
+async def test_flooding_map_in_a_request_closes_the_connection_at_once() -> None:
+    """Each flooding frame, sent after a correct handshake, is answered by a close well
+    within the deadline, while the good client's calls keep succeeding."""
+    payloads = [frame(_request_with(data)) for data in flooding_maps().values()]
+
+    async def attack(endpoint: str) -> None:
+        await all_expect_close(endpoint, payloads, after_handshake=True)
+
+    async with target_server() as server:
+        await under_attack(server, attack)
+
+
+def test_keys_up_to_the_limit_per_hash_decode() -> None:
+    limit = codec.MAX_KEYS_PER_HASH
+    colliding = [uuid.UUID(int=k * M61) for k in range(1, limit + 2)]
+    value = {u: i for i, u in enumerate(colliding[:limit])}
+    assert codec.decode(codec.encode(value)) == value
+    with pytest.raises(ProtocolError, match="hash flooding"):
+        codec.decode(codec.encode({u: 0 for u in colliding}))
+    # the limit is per message and counts distinct keys: the same 64 in many maps pass
+    many = [value] * 50
+    assert codec.decode(codec.encode(many)) == many
+
+
+def test_ordinary_maps_with_hashable_keys_decode() -> None:
+    rng = random.Random(20240611)
+
+    def random_uuid() -> uuid.UUID:
+        return uuid.UUID(int=rng.getrandbits(128))
+
+    by_uuid = {random_uuid(): i for i in range(10_000)}
+    by_tuple = {(rng.getrandbits(64), str(i), random_uuid()): i for i in range(10_000)}
+    by_int = {rng.getrandbits(200) - 2**199: i for i in range(10_000)}
+    by_point = {Point(rng.getrandbits(32), i): i for i in range(10_000)}
+    when = datetime.datetime(2024, 5, 1, tzinfo=datetime.UTC)
+    by_datetime = {when + datetime.timedelta(seconds=i): i for i in range(1_000)}
+    player = random_uuid()  # one UUID inside thousands of tuple keys: not a collision
+    by_slot = {(player, slot): slot for slot in range(5_000)}
+    mixed = {1: "a", "b": 2, b"c": 3, 4.5: 4, None: 5, False: 6, (): 7, (1, (2, 3)): 8,
+             player: 9, -(2**70): 10, Point(1, 2): 11, when: 12}
+    for value in (by_uuid, by_tuple, by_int, by_point, by_datetime, by_slot, mixed,
+                  [by_uuid, by_tuple]):
+        assert codec.decode(codec.encode(value)) == value
+
+
+def test_array_keys_from_other_encoders_decode_as_tuples() -> None:
+    """cbor2 (and forkcore's encoder, for a namedtuple) sends a tuple key as a plain
+    array: it still arrives as a tuple, and is counted like one."""
+    position = collections.namedtuple("position", "x y")
+    assert codec.decode(codec.encode({position(1, 2): "a"})) == {(1, 2): "a"}
+    assert codec.decode(cbor2.dumps({(1, (2, "x")): 0, (): 1})) == {(1, (2, "x")): 0, (): 1}
+    assert codec.decode(cbor2.dumps([{(1, 2): 0}, {"k": {(3,): 1}}])) == \
+        [{(1, 2): 0}, {"k": {(3,): 1}}]
+
+
+@codec.wire_type(name="tests.hostile.Mutable")
+@attrs.define
+class Mutable:
+    """Registered for the wire, but not hashable (attrs' eq without frozen)."""
+
+    x: int
+
+
+def test_unhashable_or_map_keys_are_a_protocol_error() -> None:
+    assert codec.decode(codec.encode([Mutable(1)])) == [Mutable(1)]
+    key = b"\xd9\x9c\x40\x82" + cbor2.dumps("tests.hostile.Mutable") + cbor2.dumps({"x": 1})
+    unhashable = _raw_map([(key, cbor2.dumps(0))])
+    with pytest.raises(ProtocolError, match="not hashable"):
+        codec.decode(unhashable)
+    for in_a_tuple in (b"\x82\x01" + key, b"\xd9\x9c\x41\x82\x01" + key):  # (1, Mutable)
+        with pytest.raises(ProtocolError, match="not hashable"):
+            codec.decode(_raw_map([(in_a_tuple, cbor2.dumps(0))]))
+    with pytest.raises(ProtocolError, match="a map is used as a map key"):
+        codec.decode(_raw_map([(cbor2.dumps({1: 2}), cbor2.dumps(0))]))
+    with pytest.raises(ProtocolError, match="a map is used as a map key"):  # in a key's map
+        codec.decode(codec.encode({"k": [1]}).replace(b"\x61\x6b", b"\xa1\xa0\x00"))
+
+
 # -- properties of the sans-IO layer -----------------------------------------------------------
 
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -520,6 +670,29 @@ def test_decode_message_shaped_cbor_is_a_message_or_protocol_error(
     opened.decode(body_of(hello()))
     opened.encode(Welcome(PROTOCOL_VERSION, "x", None, {}, ()))
     decode_or_protocol_error(opened, data)
+
+
+_hashable = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(max_size=8) | st.binary(max_size=8) | st.uuids()
+    | st.builds(Point, st.integers(), st.integers()),
+    lambda inner: st.lists(inner, max_size=3).map(tuple),
+    max_leaves=6,
+)
+_wire_values = st.recursive(
+    _hashable,
+    lambda inner: st.lists(inner, max_size=4) | st.lists(inner, max_size=3).map(tuple)
+    | st.dictionaries(_hashable, inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@PROPERTY
+@given(_wire_values)
+def test_values_with_any_hashable_keys_round_trip(value: Any) -> None:
+    """The hash-flooding guard refuses nothing forkcore sends: maps keyed by ints, UUIDs,
+    tuples, wire types ... decode to what was encoded."""
+    assert codec.decode(codec.encode(value)) == value
 
 
 @PROPERTY

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -14,6 +15,8 @@ from grains_sample import Counter, ICounter
 import forkcore
 from forkcore.errors import ConfigError, Unauthorized
 from forkcore.plugins import get_plugin_manager, registry
+from forkcore.protocol import codec
+from forkcore.protocol.messages import AuthChallenge, Welcome, from_wire
 
 pytestmark = pytest.mark.anyio
 
@@ -179,6 +182,101 @@ async def test_psk_session_over_tcp_is_encrypted(relayed: Any, with_key: bool) -
     assert (b"test.counter" in wire) is not with_key
 
 
+SENT_BY_SERVERS: list[bytes] = []  # frames the `marked` transport's servers sent
+
+
+class MarkedTransport:
+    """Transport `marked`, for the negotiation test: `memory`, with the client's and the
+    server's channels marked `secure` as told, and the frames servers send recorded."""
+
+    name = "marked"
+
+    def __init__(self, *, client_secure: bool = False, server_secure: bool = False) -> None:
+        from forkcore.transport import MemoryTransport
+
+        self.inner = MemoryTransport()
+        self.client_secure = client_secure
+        self.server_secure = server_secure
+
+    @asynccontextmanager
+    async def connect(self, endpoint: str, *, timeout: float) -> AsyncIterator[Any]:
+        async with self.inner.connect(endpoint, timeout=timeout) as channel:
+            channel.secure = self.client_secure
+            yield channel
+
+    @asynccontextmanager
+    async def listen(self, endpoint: str) -> AsyncIterator[Any]:
+        async with self.inner.listen(endpoint) as listener:
+            yield MarkedListener(listener, self.server_secure)
+
+
+class MarkedListener:
+    def __init__(self, inner: Any, secure: bool) -> None:
+        self.inner = inner
+        self.endpoint = inner.endpoint
+        self.secure = secure
+
+    def stop_accepting(self) -> None:
+        self.inner.stop_accepting()
+
+    async def serve(self, handler: Any) -> None:
+        async def marked(channel: Any) -> None:
+            channel.secure = self.secure
+            send = channel.send
+
+            def recorded(body: bytes, delivery: str = "reliable") -> None:
+                SENT_BY_SERVERS.append(body)
+                send(body, delivery)
+
+            channel.send = recorded
+            await handler(channel)
+
+        await self.inner.serve(marked)
+
+
+@pytest.fixture
+def marked_transport() -> Iterator[None]:
+    class Plugin:
+        @forkcore.hookimpl
+        def forkcore_register_transports(self, register: Any) -> None:
+            register("marked", MarkedTransport)
+
+    plugin = Plugin()
+    get_plugin_manager().register(plugin, name="test-marked")
+    SENT_BY_SERVERS.clear()
+    yield
+    get_plugin_manager().unregister(plugin)
+
+
+@pytest.mark.usefixtures("marked_transport")
+@pytest.mark.parametrize(("client_secure", "server_secure", "sealed"), [
+    (True, True, False),  # verified TLS (or QUIC) both ways: not encrypted twice
+    (False, True, True),  # TLS the client could not verify (insecure): the key encrypts
+    (True, False, True),  # more encryption than the client asked for is fine
+    (False, False, True),  # plain TCP
+])
+async def test_psk_session_encryption_is_negotiated(client_secure: bool, server_secure: bool,
+                                                    sealed: bool) -> None:
+    """The client asks for encryption unless its channel is secure (encrypted, server
+    verified); the server encrypts when asked or when its own channel is not secure, and
+    says so in the AuthChallenge."""
+    options = {"client_secure": client_secure, "server_secure": server_secure}
+    marker = "negotiation-marker-42"
+    async with forkcore.Server(id="neg", transport="marked", grains=[Counter],
+                               transport_options=options, security={"psk": KEY}) as s:
+        async with forkcore.Client(servers=[s.endpoint or ""], transport="marked",
+                                   transport_options=options, security={"psk": KEY},
+                                   connect_timeout=2.0) as c:
+            assert await c.get_grain(ICounter, "k").echo(marker) == marker
+    challenge = from_wire(codec.decode(SENT_BY_SERVERS[0]))
+    assert isinstance(challenge, AuthChallenge)
+    assert challenge.encrypt is sealed
+    after = SENT_BY_SERVERS[1:]  # Welcome, the Response, ...
+    assert (marker.encode() in b"".join(after)) is not sealed
+    if not sealed:
+        assert isinstance(from_wire(codec.decode(after[0])), Welcome)
+
+
 async def test_roles_are_enforced_per_method_and_interface(transport: str) -> None:
     async with server(transport, psk=KEY, psk_role="user") as s:
         async with client(s.endpoint or "", transport, psk=KEY) as c:
@@ -276,6 +374,75 @@ async def test_activations_are_capped_by_evicting_idle_ones() -> None:
             # the most recent grains kept their state; the evicted ones start afresh
             assert await c.get_grain(ICounter, 24).get() == 1
             assert await c.get_grain(ICounter, 0).get() == 0
+
+
+class ISink(forkcore.GrainInterface, name="test.sink"):
+    @forkcore.rpc(one_way=True)
+    async def put(self, n: int) -> None: ...
+
+
+class Sink(forkcore.Grain, ISink):
+    """One-way calls that wait at a gate the test opens."""
+
+    gate: anyio.Event
+    started = 0
+    finished = 0
+
+    async def put(self, n: int) -> None:
+        Sink.started += 1
+        await Sink.gate.wait()
+        Sink.finished += 1
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_one_way_calls_count_against_max_in_flight(
+        transport: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A client flooding one-way calls at a stuck grain gets at most max_in_flight of
+    them queued or running; the rest are dropped (one warning), and calls on another
+    connection are served meanwhile. Requests and one-way calls share the limit."""
+    Sink.gate, Sink.started, Sink.finished = anyio.Event(), 0, 0
+    limit, flood = 16, 500
+    with caplog.at_level(logging.WARNING, logger="forkcore.server"):
+        async with forkcore.Server(id="flood", transport=transport, grains=[Sink, Counter],
+                                   max_in_flight=limit) as s:
+            endpoint = s.endpoint or ""
+            async with forkcore.Client(servers=[endpoint], transport=transport,
+                                       request_timeout=2.0) as flooder, \
+                    forkcore.Client(servers=[endpoint], transport=transport,
+                                    request_timeout=2.0) as other, AsyncExitStack() as stack:
+                sink = flooder.get_grain(ISink, "stuck")
+                stack.callback(Sink.gate.set)  # never leave the server waiting on the gate
+                for n in range(flood):
+                    await sink.put(n)
+                with anyio.fail_after(5):
+                    while s.stats()["one_way_dropped"] < flood - limit:
+                        await anyio.sleep(0.01)
+                stats = s.stats()
+                assert stats["one_way_dropped"] == flood - limit
+                assert stats["in_flight"] == limit  # one running, the rest queued
+                # another connection is served while this one is full ...
+                with anyio.fail_after(2):
+                    assert await other.get_grain(ICounter, "c").add(1) == 1
+                # ... but not the full one: its requests share the limit
+                with pytest.raises(forkcore.errors.NoServerAvailable):
+                    await flooder.get_grain(ICounter, "c").add(1)
+                Sink.gate.set()
+                with anyio.fail_after(5):
+                    while s.stats()["in_flight"]:
+                        await anyio.sleep(0.01)
+                assert (Sink.started, Sink.finished) == (limit, limit)
+                # the finished calls were counted out: the connection takes calls again
+                for n in range(3):
+                    await sink.put(n)
+                with anyio.fail_after(5):
+                    while Sink.finished < limit + 3:
+                        await anyio.sleep(0.01)
+                assert s.stats()["one_way_dropped"] == flood - limit
+                assert await flooder.get_grain(ICounter, "c").add(1) == 2
+    warnings = [r.getMessage() for r in caplog.records if "one-way call" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "dropped 1 one-way call(s) from" in warnings[0]
+    assert "max_in_flight" in warnings[0]
 
 
 async def test_300_silent_connections_are_closed_and_do_not_starve_a_client() -> None:

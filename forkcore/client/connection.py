@@ -149,8 +149,11 @@ class ClientConnection:
         identity = security.identity if security is not None else "client"
         auth: dict[str, Any] = {}
         client_nonce = new_nonce()
+        # encrypt the session with the key unless the transport encrypts and has verified
+        # the server (TLS with unverified certificates may be a man in the middle)
+        wanted = not getattr(channel, "secure", False)
         if psk is not None:
-            auth.update(method="psk", nonce=client_nonce, identity=identity)
+            auth.update(method="psk", nonce=client_nonce, identity=identity, encrypt=wanted)
         if security is not None and security.token is not None:
             auth["token"] = security.token
         try:
@@ -161,7 +164,7 @@ class ClientConnection:
                 challenged = isinstance(msg, AuthChallenge)
                 if isinstance(msg, AuthChallenge):
                     msg = await cls._prove(channel, proto, endpoint, psk, client_nonce,
-                                           identity, msg)
+                                           identity, wanted, msg)
         except TimeoutError:
             raise ConnectError(f"{endpoint} did not complete the handshake within {timeout:g}s; "
                                "is it a forkcore server of the same transport?") from None
@@ -180,9 +183,10 @@ class ClientConnection:
 
     @staticmethod
     async def _prove(channel: Channel, proto: ProtocolConnection, endpoint: str,
-                     psk: bytes | None, client_nonce: bytes, identity: str,
+                     psk: bytes | None, client_nonce: bytes, identity: str, wanted: bool,
                      challenge: AuthChallenge) -> Any:
-        """Check the server's proof, send ours, and read the (encrypted) Welcome."""
+        """Check the server's proof (which covers whether we asked for encryption and
+        whether it encrypts), send ours, and read the (encrypted) Welcome."""
         if psk is None:
             raise ConnectError(f"{endpoint} asked for a pre-shared key this client was not "
                                "given")
@@ -190,15 +194,25 @@ class ClientConnection:
         if len(server_nonce) != NONCE_SIZE:
             raise ConnectError(f"{endpoint} sent a {len(server_nonce)}-byte nonce; "
                                f"expected {NONCE_SIZE}")
-        expected = proof(psk, "server", client_nonce, server_nonce, identity)
+        if wanted and not challenge.encrypt:
+            channel.send(proto.encode(Goodbye("unauthorized: the session must be encrypted")))
+            raise Unauthorized(f"{endpoint} would not encrypt the session although this "
+                               "client asked it to (its channel is not verified): a downgrade "
+                               "was attempted, by the server or by something between us; "
+                               "refusing. Verify the server's certificate (ca_file or "
+                               "fingerprint) if the network is trusted")
+        expected = proof(psk, "server", client_nonce, server_nonce, identity, wanted=wanted,
+                         encrypted=challenge.encrypt)
         if not proofs_match(expected, challenge.proof):
             channel.send(proto.encode(Goodbye("unauthorized: wrong pre-shared key")))
-            raise Unauthorized(f"{endpoint} does not know this client's pre-shared key "
-                               "(its proof is wrong): check psk on both sides")
+            raise Unauthorized(f"{endpoint} does not know this client's pre-shared key, or "
+                               "something between us altered the key exchange (the server's "
+                               "proof is wrong): check psk on both sides")
         channel.send(proto.encode(AuthProof(
-            proof(psk, "client", client_nonce, server_nonce, identity))))
+            proof(psk, "client", client_nonce, server_nonce, identity, wanted=wanted,
+                  encrypted=challenge.encrypt))))
         raw = await channel.receive()
-        if getattr(channel, "secure", False):
+        if not challenge.encrypt:  # the transport encrypts, and the server is verified
             return proto.decode(raw)
         cipher = SessionCipher(psk, client_nonce, server_nonce, "client")
         try:

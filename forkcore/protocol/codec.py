@@ -4,6 +4,12 @@ Only the types listed in the contract encode; everything else fails before it is
 Decoding rejects unknown tags, duplicate map keys, indefinite-length items and nesting
 past a limit, and never imports or constructs anything by a name read from the wire:
 registered classes are looked up in this process's registry.
+
+Map keys whose hash Python does not randomize (see `_KeyGuard`) cannot be used to make a
+frame take quadratic time to decode: frames whose maps are keyed by strings only (almost
+all of them) decode in one pass at no extra cost; any other frame is checked and decoded
+again under a guard that refuses more than `MAX_KEYS_PER_HASH` distinct keys sharing one
+hash.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import fractions
 import io
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import attrs
@@ -34,6 +40,9 @@ TAG_TUPLE = 40001  # [items]
 TAG_NAIVE_DATETIME = 40002  # ISO 8601 string without offset
 
 DEFAULT_MAX_DEPTH = 64
+# distinct map keys (of one kind) with one hash value that a frame may hold: legitimate data
+# has one, or a handful; hash flooding needs thousands
+MAX_KEYS_PER_HASH = 64
 
 
 class WireTypeError(ForkcoreError, TypeError):
@@ -192,8 +201,9 @@ def _reject_tag(tag: int) -> Callable[[Any, bool], Any]:
 
 
 def _decode_wire_type(value: Any, immutable: bool) -> Any:
-    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
-            and isinstance(value[1], dict)):
+    # as a map key (immutable) the content arrives as a tuple holding a frozen mapping
+    if not (isinstance(value, list | tuple) and len(value) == 2 and isinstance(value[0], str)
+            and isinstance(value[1], Mapping)):
         raise ProtocolError("malformed wire type value")
     entry = _by_name.get(value[0])
     if entry is None:
@@ -260,18 +270,216 @@ def _unknown_tag(tag: Any, immutable: bool) -> Any:
     raise ProtocolError(f"CBOR tag {tag.tag} is not allowed on the wire")
 
 
-def decode(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
-    """Decode exactly one CBOR item (nothing may follow it), or raise `ProtocolError`
-    saying what is wrong with it."""
+# -- hash flooding ------------------------------------------------------------------------
+#
+# Python randomizes the hashes of str and bytes, not those of ints (hash(n) is n modulo
+# 2**61 - 1), UUIDs (the hash of their int), tuples and attrs classes (combinations of
+# their items' hashes) or aware datetimes. A map with thousands of distinct keys sharing
+# one hash makes every insertion compare against all the others: a 400 KB frame of such
+# UUID keys took 40 s to decode. Plain CBOR ints (at most 64 bits) and floats give only a
+# few dozen values per hash, which is harmless; everything else is counted below.
+
+_NON_STRING_KEY = "map key must be a text string or byte string"
+_TUPLE_HEAD = b"\xd9\x9c\x41"  # tag 40001
+
+
+class _KeyGuard:
+    """The semantic decoders of one guarded decode: in key position (`immutable`), each
+    records its value under its hash and refuses the frame once more than
+    `MAX_KEYS_PER_HASH` distinct values of its kind share one hash."""
+
+    __slots__ = ("_seen", "table")
+
+    def __init__(self) -> None:
+        # per kind: hash -> distinct values (compared in a cheap form)
+        self._seen: tuple[dict[int, list[Any]], ...] = ({}, {}, {}, {}, {})
+        table = dict(_SEMANTIC)
+        table[TAG_BIGNUM_POS] = self._bignum_pos
+        table[TAG_BIGNUM_NEG] = self._bignum_neg
+        table[TAG_UUID] = self._uuid
+        table[TAG_TUPLE] = self._tuple
+        table[TAG_WIRE_TYPE] = self._wire_type
+        table[TAG_DATETIME] = self._datetime
+        table[TAG_NAIVE_DATETIME] = self._naive_datetime
+        self.table = table
+
+    def _note(self, kind: int, value: Any, compared: Any) -> None:
+        try:
+            digest = hash(value)
+        except Exception:
+            raise ProtocolError(f"a map key is not hashable: a {type(value).__qualname__} "
+                                "cannot be a map key") from None
+        seen = self._seen[kind]
+        values = seen.get(digest)
+        if values is None:
+            seen[digest] = [compared]
+        elif compared not in values:
+            if len(values) >= MAX_KEYS_PER_HASH:
+                raise ProtocolError(
+                    f"more than {MAX_KEYS_PER_HASH} distinct {type(value).__qualname__} map "
+                    "keys with identical hashes in one message: hash flooding, refused")
+            values.append(compared)
+
+    def _bignum_pos(self, value: Any, immutable: bool) -> Any:
+        result = _bignum(value)
+        if immutable:
+            self._note(0, result, result)
+        return result
+
+    def _bignum_neg(self, value: Any, immutable: bool) -> Any:
+        result = -1 - _bignum(value)
+        if immutable:
+            self._note(0, result, result)
+        return result
+
+    def _uuid(self, value: Any, immutable: bool) -> Any:
+        result = _decode_uuid(value, immutable)
+        if immutable:
+            self._note(1, result, result.int)
+        return result
+
+    def _tuple(self, value: Any, immutable: bool) -> Any:
+        result = _decode_tuple(value, immutable)
+        if immutable:
+            self._note(2, result, result)
+        return result
+
+    def _wire_type(self, value: Any, immutable: bool) -> Any:
+        result = _decode_wire_type(value, immutable)
+        if immutable:
+            self._note(3, result, result)
+        return result
+
+    def _datetime(self, value: Any, immutable: bool) -> Any:
+        result = _decode_datetime(value, immutable)
+        if immutable:
+            self._note(4, result, result)
+        return result
+
+    def _naive_datetime(self, value: Any, immutable: bool) -> Any:
+        result = _decode_naive_datetime(value, immutable)
+        if immutable:
+            self._note(4, result, result)
+        return result
+
+
+def _bignum(value: Any) -> int:
+    if not isinstance(value, bytes):
+        raise ProtocolError("malformed CBOR: a bignum (tag 2 or 3) must hold a byte string")
+    return int.from_bytes(value, "big")
+
+
+def _truncated() -> ProtocolError:
+    return ProtocolError("malformed CBOR: premature end of stream")
+
+
+def _scalar_sizes() -> bytes:
+    """For each initial byte: the size of the whole item when it is an int, a float, a
+    simple value or a string of at most 23 bytes; 0 for anything else."""
+    sizes = bytearray(256)
+    for head in range(256):
+        major, info = head >> 5, head & 0x1F
+        if major in (0, 1, 7) and info < 28 and head != 0xFF:
+            sizes[head] = 1 + {24: 1, 25: 2, 26: 4, 27: 8}.get(info, 0)
+        elif major in (2, 3) and info < 24:
+            sizes[head] = 1 + info
+    return bytes(sizes)
+
+
+_SCALAR_SIZES = _scalar_sizes()
+
+
+def _key_arrays(data: bytes, max_depth: int) -> list[int]:
+    """Walk the first CBOR item of `data` without building it: the offsets of the arrays
+    that are map keys, which the caller tags as tuples so that `_KeyGuard` sees them
+    (cbor2 turns an array key into a tuple without calling anything). A map used as a map
+    key is refused: forkcore never sends one (a dict is not hashable). About 0.3 us per
+    item, paid only by frames with keys other than strings."""
+    sizes = _SCALAR_SIZES
+    pos = 0
+    stack: list[tuple[int, bool]] = []  # the enclosing containers' (remaining, in_map)
+    remaining = 1  # items still to come in the current container (the top level: one)
+    in_map = False  # a map's items alternate key, value: a key when `remaining` is even
+    found: list[int] = []
+    try:
+        while True:
+            head = data[pos]
+            size = sizes[head]
+            if size:  # the common case: a number, a short string, true, false, null
+                pos += size
+            else:
+                key = in_map and not remaining % 2
+                start = pos
+                while True:
+                    major, info = head >> 5, head & 0x1F
+                    pos += 1
+                    if info < 24:
+                        arg = info
+                    elif info < 28:
+                        width = 1 << (info - 24)
+                        arg = int.from_bytes(data[pos:pos + width], "big")
+                        pos += width
+                    else:
+                        raise ProtocolError("malformed CBOR: indefinite length, break or "
+                                            "reserved additional information")
+                    if major != 6:
+                        break
+                    key = False  # a tag's content is checked by the tag's decoder
+                    head = data[pos]
+                if major == 4 or major == 5:
+                    if key:
+                        if major == 5:
+                            raise ProtocolError("a map is used as a map key: maps cannot be "
+                                                "keys on the wire")
+                        found.append(start)
+                    count = arg if major == 4 else 2 * arg
+                    if count:
+                        if len(stack) > max_depth:
+                            raise ProtocolError(f"malformed CBOR: maximum container nesting "
+                                                f"depth ({max_depth}) exceeded")
+                        stack.append((remaining, in_map))
+                        remaining, in_map = count, major == 5
+                        continue
+                elif major == 2 or major == 3:
+                    pos += arg
+            remaining -= 1
+            while not remaining:  # the item is complete, and so may be its containers
+                if not stack:
+                    if pos > len(data):
+                        raise _truncated()
+                    return found
+                remaining, in_map = stack.pop()
+                remaining -= 1
+    except IndexError:
+        raise _truncated() from None
+
+
+def _tag_key_arrays(data: bytes, offsets: list[int]) -> bytes:
+    parts: list[bytes] = []
+    previous = 0
+    for offset in offsets:
+        parts.append(data[previous:offset])
+        parts.append(_TUPLE_HEAD)
+        previous = offset
+    parts.append(data[previous:])
+    return b"".join(parts)
+
+
+class _NonStringKey(Exception):
+    """A map in the frame has a key that is neither a text nor a byte string."""
+
+
+def _decode(data: bytes, max_depth: int, semantic: dict[int, Any], strict: bool) -> Any:
     fp = io.BytesIO(data)
     try:
         value = cbor2.CBORDecoder(
             fp,
-            semantic_decoders=_SEMANTIC,
+            semantic_decoders=semantic,
             tag_hook=_unknown_tag,
             max_depth=max_depth,
             allow_indefinite=False,
             allow_duplicate_keys=False,
+            strict_hashable_types=strict,
         ).decode()
     except ProtocolError:
         raise
@@ -279,6 +487,8 @@ def decode(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, ProtocolError):
             raise ProtocolError(str(cause)) from None
+        if strict and _NON_STRING_KEY in str(exc):
+            raise _NonStringKey from None
         raise ProtocolError(f"malformed CBOR: {exc}") from None
     except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
         raise ProtocolError(f"malformed CBOR: {exc}") from None
@@ -286,3 +496,17 @@ def decode(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     if extra:
         raise ProtocolError(f"{extra} trailing bytes after the CBOR item")
     return value
+
+
+def decode(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    """Decode exactly one CBOR item (nothing may follow it), or raise `ProtocolError`
+    saying what is wrong with it."""
+    try:
+        # every map keyed by strings only: nothing to guard (their hashes are randomized)
+        return _decode(data, max_depth, _SEMANTIC, strict=True)
+    except _NonStringKey:
+        pass
+    offsets = _key_arrays(data, max_depth)
+    if offsets:
+        data = _tag_key_arrays(data, offsets)
+    return _decode(data, max_depth, _KeyGuard().table, strict=False)

@@ -111,11 +111,13 @@ class Cancel:
 
 @attrs.frozen(slots=True)
 class AuthChallenge:
-    """Server → client, answer to a Hello offering a pre-shared key: the server's nonce
-    and its proof that it knows the key."""
+    """Server → client, answer to a Hello offering a pre-shared key: the server's nonce,
+    its proof that it knows the key, and whether the session after the handshake is
+    encrypted with the key (covered by the proofs)."""
 
     nonce: bytes
     proof: bytes
+    encrypt: bool = True
 
 
 @attrs.frozen(slots=True)
@@ -190,7 +192,7 @@ def to_wire(msg: Message) -> list[Any]:
         return [CANCEL, msg.id]
     if t is AuthChallenge:
         assert isinstance(msg, AuthChallenge)
-        return [AUTH_CHALLENGE, msg.nonce, msg.proof]
+        return [AUTH_CHALLENGE, msg.nonce, msg.proof, msg.encrypt]
     if t is AuthProof:
         assert isinstance(msg, AuthProof)
         return [AUTH_PROOF, msg.proof]
@@ -221,6 +223,12 @@ def _id(v: Any) -> int:
     if not 0 <= n < 2**63:
         raise _bad("request id out of range")
     return n
+
+
+def _bool(v: Any, what: str) -> bool:
+    if not isinstance(v, bool):
+        raise _bad(f"{what} must be true or false")
+    return v
 
 
 def _str(v: Any, what: str, limit: int = 1024) -> str:
@@ -319,7 +327,8 @@ _LAYOUTS: dict[int, tuple[int, Callable[[list[Any]], Message]]] = {
     PONG: (3, lambda a: Pong(_int(a[1], "nonce"), _num(a[2], "timestamp"))),
     GOODBYE: (2, lambda a: Goodbye(_str(a[1], "reason", 65536))),
     CANCEL: (2, lambda a: Cancel(_id(a[1]))),
-    AUTH_CHALLENGE: (3, lambda a: AuthChallenge(_bytes(a[1], "nonce"), _bytes(a[2], "proof"))),
+    AUTH_CHALLENGE: (4, lambda a: AuthChallenge(_bytes(a[1], "nonce"), _bytes(a[2], "proof"),
+                                                _bool(a[3], "encrypt"))),
     AUTH_PROOF: (2, lambda a: AuthProof(_bytes(a[1], "proof"))),
     STATS_REQUEST: (2, lambda a: StatsRequest(_int(a[1], "nonce"))),
     STATS: (3, lambda a: Stats(_int(a[1], "nonce"), _metadata(a[2]))),

@@ -40,19 +40,23 @@ YIELD_EVERY = 16
 
 
 class Call:
-    """One call waiting for or running on an activation."""
+    """One call waiting for or running on an activation. `reply` is None for a one-way
+    call; `done`, if given, is called once the call has left the catalog (run, failed or
+    cancelled)."""
 
-    __slots__ = ("args", "caller", "cancelled", "deadline", "expired", "kwargs", "method",
-                 "reply", "scope")
+    __slots__ = ("args", "caller", "cancelled", "deadline", "done", "expired", "kwargs",
+                 "method", "reply", "scope")
 
     def __init__(self, method: str, args: list[Any], kwargs: dict[str, Any], deadline: float,
-                 reply: Reply | None, caller: Identity = ANONYMOUS) -> None:
+                 reply: Reply | None, caller: Identity = ANONYMOUS,
+                 done: Callable[[], None] | None = None) -> None:
         self.caller = caller
         self.method = method
         self.args = args
         self.kwargs = kwargs
         self.deadline = deadline
         self.reply = reply  # set to None once the call has answered
+        self.done = done
         self.cancelled = False  # the caller gave up (or left): no answer is wanted
         self.expired = False  # its deadline passed while it ran
         self.scope: anyio.CancelScope | None = None  # while it runs
@@ -279,6 +283,8 @@ class Catalog:
                                 reply(True, result)
                         finally:
                             self._finished()
+                            if call.done is not None:
+                                call.done()
                 self._answer_expired(call)
         finally:
             if first_token is not None:
@@ -323,6 +329,8 @@ class Catalog:
                                    f"on_activate failed: {error}"))
         finally:
             self._finished()
+            if call.done is not None:
+                call.done()
 
     # -- collection -----------------------------------------------------------------------
 

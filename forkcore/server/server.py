@@ -117,13 +117,18 @@ def host_table(classes: Iterable[type[Grain]]) -> dict[str, tuple[InterfaceSpec,
 class ServerConnection:
     """One accepted client connection: handshake, then requests until it closes."""
 
-    __slots__ = ("calls", "channel", "client_id", "identity", "proto", "scope", "server")
+    __slots__ = ("calls", "channel", "client_id", "dropped", "dropped_logged_at", "identity",
+                 "one_ways", "proto", "scope", "server")
 
     def __init__(self, server: Server, channel: Channel) -> None:
         self.server = server
         self.channel = channel
         self.proto = ProtocolConnection("server", max_depth=server.options.max_depth)
         self.calls: dict[int, Call] = {}
+        # one-way calls queued or running; with `calls`, counted against max_in_flight
+        self.one_ways = 0
+        self.dropped = 0  # one-way calls dropped since the last warning about it
+        self.dropped_logged_at = -math.inf
         self.client_id = "?"
         self.identity = ANONYMOUS
         self.scope = anyio.CancelScope()
@@ -224,14 +229,23 @@ class ServerConnection:
                     or len(client_nonce) != NONCE_SIZE or not isinstance(name, str):
                 raise Unauthorized("this server requires the cluster's pre-shared key: set "
                                    "psk or psk_file in [client.security]")
+            wanted = auth.get("encrypt")
+            if not isinstance(wanted, bool):
+                raise Unauthorized("the client did not say whether it wants the session "
+                                   "encrypted (Hello auth 'encrypt'): upgrade the client")
+            # the client wants encryption unless its channel is encrypted and the server
+            # verified; encrypt also when this side's channel does not encrypt at all
+            encrypt = wanted or not getattr(self.channel, "secure", False)
             server_nonce = new_nonce()
             self.send(AuthChallenge(server_nonce,
-                                    proof(key, "server", client_nonce, server_nonce, name)))
+                                    proof(key, "server", client_nonce, server_nonce, name,
+                                          wanted=wanted, encrypted=encrypt), encrypt))
             answer = self.proto.decode(await self.channel.receive())
             if not isinstance(answer, AuthProof) or not proofs_match(
-                    proof(key, "client", client_nonce, server_nonce, name), answer.proof):
+                    proof(key, "client", client_nonce, server_nonce, name, wanted=wanted,
+                          encrypted=encrypt), answer.proof):
                 raise Unauthorized("wrong pre-shared key")
-            if not getattr(self.channel, "secure", False):
+            if encrypt:
                 self.proto.cipher = SessionCipher(key, client_nonce, server_nonce, "server")
             identity = Identity(name[:128], server.psk_role, "psk")
         token = auth.get("token")
@@ -300,7 +314,7 @@ class ServerConnection:
             self.send(Failure(rid, FAIL_UNAVAILABLE, "ServerDraining",
                               f"server {server.id} is shutting down; call another server"))
             return
-        if len(calls) >= server.max_in_flight:
+        if len(calls) + self.one_ways >= server.max_in_flight:
             self.send(Failure(rid, FAIL_UNAVAILABLE, "TooManyCalls",
                               f"more than {server.max_in_flight} calls in flight on "
                               "one connection; wait for some to finish"))
@@ -318,9 +332,33 @@ class ServerConnection:
             return
         if server.draining or server.roles[(msg.interface, msg.method)] > self.identity.role:
             return
+        if len(self.calls) + self.one_ways >= server.options.max_in_flight:
+            self.drop_one_way(msg)
+            return
+        self.one_ways += 1
         server.catalog.submit(msg.interface, msg.key,
                               Call(msg.method, msg.args, msg.kwargs, math.inf, None,
-                                   self.identity))
+                                   self.identity, self.one_way_done))
+
+    def one_way_done(self) -> None:
+        self.one_ways -= 1
+
+    def drop_one_way(self, msg: OneWay) -> None:
+        """A one-way call beyond max_in_flight has no reply to refuse it with: drop it,
+        count it, and say so in the log at most once a minute per connection."""
+        server = self.server
+        server.one_way_dropped += 1
+        self.dropped += 1
+        now = anyio.current_time()
+        if now - self.dropped_logged_at >= 60.0:
+            log.warning("server %s dropped %d one-way call(s) from %s (%s), the last one "
+                        "%s.%s: the connection already has %d calls queued or running "
+                        "(max_in_flight); the client sends one-way calls faster than the "
+                        "grains run them", server.id, self.dropped, self.channel.peer,
+                        self.client_id, msg.interface, msg.method,
+                        len(self.calls) + self.one_ways)
+            self.dropped_logged_at = now
+            self.dropped = 0
 
 
 class Server:
@@ -360,6 +398,7 @@ class Server:
             "authenticator", sec.authenticator, sec.authenticator_options,
             f"{where}.security", "authenticator", "authenticator_options")
         self._refusals: dict[str, float] = {}
+        self.one_way_dropped = 0  # one-way calls dropped for max_in_flight, since start
         self._per_address: dict[str, int] = {}
         self.options = options
         self.id = options.id
@@ -418,7 +457,7 @@ class Server:
                 "activations": len(catalog.activations),
                 "connections": len(self._connections),
                 "uptime": anyio.current_time() - self._started_at,
-                "draining": self.draining}
+                "draining": self.draining, "one_way_dropped": self.one_way_dropped}
 
     @property
     def connection_count(self) -> int:

@@ -2,7 +2,10 @@
 (length prefix, size limit checked before the body is read, writes of one loop turn
 coalesced into one send), optionally inside TLS 1.3 (see `tls`).
 
-Every channel carries `secure`: True when TLS protects it, False for plain TCP."""
+Every channel carries `secure`: on the server side, True when TLS protects it; on the
+client side, True only when TLS protects it *and* the server's certificate was verified
+(`ca_file`, `fingerprint`, or the system CA store), False with `insecure` or plain TCP.
+The core encrypts a pre-shared-key session itself on a channel that is not secure."""
 
 from __future__ import annotations
 
@@ -66,7 +69,8 @@ class _TLSStream(TLSStream):
 
 
 def _mark(channel: Channel | StreamChannel, secure: bool) -> None:
-    """Tell the core whether the transport already encrypts and authenticates the bytes."""
+    """Tell the core whether the transport already encrypts the bytes and (for a client)
+    has verified the server, so that nobody in between can read or alter them."""
     target: Any = channel
     target.secure = secure
 
@@ -213,7 +217,8 @@ class TcpTransport:
         unwrapped: BaseException | None = None
         try:
             async with StreamChannel.open(stream, endpoint, self.max_frame_size) as channel:
-                _mark(channel, tls is not None)
+                # TLS without verification (insecure) may be a man in the middle's TLS
+                _mark(channel, tls is not None and not tls.insecure)
                 try:
                     yield channel
                 except BaseException as exc:

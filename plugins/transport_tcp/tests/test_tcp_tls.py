@@ -7,6 +7,7 @@ unrelated CA that must not be trusted. Every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import ipaddress
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
-from anyio.streams.tls import TLSAttribute
+from anyio.streams.tls import TLSAttribute, TLSStream
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -27,7 +29,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import forkcore
 import forkcore.plugins
-from forkcore.errors import ConfigError, ConnectError, ProtocolError
+from forkcore.errors import ConfigError, ConnectError, ProtocolError, Unauthorized
+from forkcore.protocol import codec, framing
+from forkcore.protocol.framing import FrameDecoder
+from forkcore.protocol.messages import AuthChallenge, AuthProof, Request, Welcome, from_wire
+from forkcore.security import SessionCipher
 from forkcore.transport import split_endpoint
 
 WAIT = 10.0  # bound for anything that should simply work
@@ -216,7 +222,9 @@ async def test_insecure_works_and_warns_once(pki: Pki, caplog: pytest.LogCapture
                     assert await c.get_grain(IEcho, 1).echo("hi") == "hi"
                     # the same transport connects again: no second warning
                     async with c.transport.connect(endpoint, timeout=5.0) as channel:
-                        assert channel.secure is True
+                        # TLS, but the server is not verified: not secure for the core,
+                        # which then encrypts a pre-shared-key session itself
+                        assert channel.secure is False
     warnings = [r for r in caplog.records if "insecure" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].levelno == logging.WARNING
@@ -264,6 +272,130 @@ async def test_the_server_speaks_tls_1_3_with_alpn_forkcore(pki: Pki) -> None:
         with anyio.fail_after(WAIT), pytest.raises((ssl.SSLError, anyio.BrokenResourceError,
                                                     anyio.EndOfStream)):
             await anyio.connect_tcp(host, port, ssl_context=old, tls_hostname=host)
+
+
+# -- a pre-shared key over TLS the client does not verify ---------------------------------
+
+PSK = "a cluster key for the tls tests"
+MARKER = "mitm-can-read-this-7"
+
+
+class TlsMitm:
+    """A man in the middle for an `insecure` client: terminates the client's TLS with a
+    certificate of its own CA, opens TLS to the real server, and relays the frames in
+    between, recording them and changing the handshake as told (`tamper`)."""
+
+    def __init__(self, pki: Pki, root: Path, target: str, tamper: str) -> None:
+        ca, ca_key = _make_ca("mitm CA")
+        leaf, leaf_key = _make_leaf(ca, ca_key)
+        (root / "mitm.pem").write_bytes(_pem(leaf))
+        (root / "mitm.key").write_bytes(_key_pem(leaf_key))
+        self.down = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.down.load_cert_chain(root / "mitm.pem", root / "mitm.key")
+        self.down.set_alpn_protocols(["forkcore/1"])
+        self.up = ssl.create_default_context(cafile=str(pki.ca_file))
+        self.up.set_alpn_protocols(["forkcore/1"])
+        self.target = split_endpoint(target)
+        self.tamper = tamper
+        self.seen: dict[str, list[bytes]] = {"c2s": [], "s2c": []}  # frame bodies, as relayed
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[str]) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        port = listener.extra(anyio.abc.SocketAttribute.local_address)[1]
+        task_status.started(f"127.0.0.1:{port}")
+        async with listener:
+            await listener.serve(self._relay)
+
+    async def _relay(self, raw: Any) -> None:
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, ssl.SSLError,
+                                 OSError):
+            async with raw:
+                client = await TLSStream.wrap(raw, server_side=True, ssl_context=self.down,
+                                              standard_compatible=False)
+                server = await anyio.connect_tcp(*self.target, ssl_context=self.up,
+                                                 tls_hostname="127.0.0.1",
+                                                 tls_standard_compatible=False)
+                async with server, anyio.create_task_group() as tg:
+                    tg.start_soon(self._pump, client, server, "c2s")
+                    await self._pump(server, client, "s2c")
+                    tg.cancel_scope.cancel()
+
+    async def _pump(self, source: Any, sink: Any, direction: str) -> None:
+        decoder = FrameDecoder()
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, ssl.SSLError,
+                                 OSError):
+            while True:
+                for body in decoder.feed(await source.receive()):
+                    body = self._change(direction, len(self.seen[direction]), body)
+                    self.seen[direction].append(body)
+                    await sink.send(framing.frame(body))
+
+    def _change(self, direction: str, index: int, body: bytes) -> bytes:
+        if index != 0:
+            return body
+        message = codec.decode(body)
+        if direction == "c2s" and self.tamper in ("wish", "both"):
+            message[4]["encrypt"] = False  # Hello: "I need no encryption, I verified you"
+        elif direction == "s2c" and self.tamper in ("decision", "both"):
+            message[3] = not message[3]  # AuthChallenge: flip the server's decision
+        return codec.encode(message)
+
+
+def psk_client(endpoint: str, options: dict[str, Any]) -> forkcore.Client:
+    return forkcore.Client(servers=[endpoint], transport="tcp", request_timeout=5.0,
+                           connect_timeout=5.0, transport_options=options,
+                           security={"psk": PSK})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("tamper", ["none", "decision", "wish", "both"])
+async def test_psk_over_unverified_tls_is_encrypted_and_bound_to_the_handshake(
+        pki: Pki, tmp_path: Path, tamper: str) -> None:
+    """An `insecure` client cannot tell the real server's TLS from a man in the middle's,
+    so with a pre-shared key it asks for the core's encryption: the man in the middle,
+    who sees everything TLS carries, reads only ciphertext after the handshake. Changing
+    the request or the server's decision on the way fails the handshake (Unauthorized),
+    before the client sends its proof or any call."""
+    async with forkcore.Server(id="tls", transport="tcp", grains=[Echo],
+                               transport_options=pki.server_options,
+                               security={"psk": PSK}) as server, \
+            anyio.create_task_group() as tg:
+        assert server.endpoint
+        mitm = TlsMitm(pki, tmp_path, server.endpoint, tamper)
+        endpoint = await tg.start(mitm.serve)
+        options = {"insecure": True}
+        with anyio.fail_after(WAIT):
+            if tamper == "none":
+                async with psk_client(endpoint, options) as c:
+                    assert await c.get_grain(IEcho, "k").echo(MARKER) == MARKER
+            else:
+                with pytest.raises(Unauthorized) as refused:
+                    async with psk_client(endpoint, options):
+                        pass
+        tg.cancel_scope.cancel()
+    c2s, s2c = mitm.seen["c2s"], mitm.seen["s2c"]
+    hello, challenge = codec.decode(c2s[0]), from_wire(codec.decode(s2c[0]))
+    assert isinstance(challenge, AuthChallenge)
+    everything = b"".join(c2s + s2c)
+    assert MARKER.encode() not in everything and b"tcp_tls_test.echo" not in everything
+    if tamper != "none":
+        message = str(refused.value)
+        if tamper == "both":  # the flags agree again, but not with the server's proof
+            assert "altered the key exchange" in message, message
+        else:
+            assert "downgrade was attempted" in message, message
+        assert not any(isinstance(from_wire(codec.decode(b)), AuthProof) for b in c2s[1:])
+        return
+    assert hello[4]["encrypt"] is True and challenge.encrypt is True
+    # what the man in the middle relayed after the handshake is the core's ciphertext:
+    # with the key (which he has not got) it opens; without, nothing is readable
+    nonce = hello[4]["nonce"]
+    from_server = SessionCipher(PSK.encode(), nonce, challenge.nonce, "client")
+    from_client = SessionCipher(PSK.encode(), nonce, challenge.nonce, "server")
+    assert isinstance(from_wire(codec.decode(from_server.open(s2c[1]))), Welcome)
+    assert isinstance(from_wire(codec.decode(c2s[1])), AuthProof)
+    requests = [from_wire(codec.decode(from_client.open(b))) for b in c2s[2:]]
+    assert any(isinstance(r, Request) and r.args == [MARKER] for r in requests)
 
 
 # -- channels over TLS ----------------------------------------------------------------------

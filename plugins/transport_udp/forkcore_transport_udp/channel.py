@@ -46,7 +46,9 @@ Address = Any
 
 
 class QuicChannel:
-    secure = True  # QUIC authenticates and encrypts (TLS 1.3)
+    # QUIC encrypts (TLS 1.3). A client's channel is secure only once the server's
+    # certificate is verified: the transport sets it False for `insecure` connections.
+    secure = True
     HIGH_WATER = 4 * 1024 * 1024  # unsent bytes above which drain() waits
     UNORDERED_AHEAD = 64 * 1024
     FLUSH_TIMEOUT = 1.0  # seconds a closing channel waits for its data to be acknowledged

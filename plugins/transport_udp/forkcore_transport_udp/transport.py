@@ -199,7 +199,7 @@ class UdpTransport:
                             raise ConnectError(
                                 f"connecting to {endpoint} timed out after {timeout:g}s: is "
                                 "a forkcore udp server up and reachable there?")
-                        self._verify(channel, endpoint)
+                        channel.secure = self._verify(channel, endpoint)
                         channel.start()
                         yield channel
                     finally:
@@ -209,9 +209,10 @@ class UdpTransport:
         finally:
             sock.close()
 
-    def _verify(self, channel: QuicChannel, endpoint: str) -> None:
+    def _verify(self, channel: QuicChannel, endpoint: str) -> bool:
         """Raise `ConnectError` unless the handshake succeeded and the server's certificate
-        passed the configured checks."""
+        passed the configured checks; whether it was verified at all (False only with
+        `insecure` and a certificate this process did not generate)."""
         o = self.options
         if channel.state == "closed":
             failure = channel.failure or ConnectError(f"connection to {endpoint} failed")
@@ -229,12 +230,15 @@ class UdpTransport:
                 raise ConnectError(
                     f"the certificate of {endpoint} failed the fingerprint check: expected "
                     f"SHA-256 {o.fingerprint}, got {actual}")
-        elif not o.ca_file and not o.insecure and not certs.generated_here(actual):
+        elif not o.ca_file and not certs.generated_here(actual):
+            if o.insecure:
+                return False
             channel.close_now("certificate not verified", 0x100 + 42, application=False)
             raise ConnectError(
                 f"cannot verify the certificate of {endpoint}: give transport_options "
                 "fingerprint (the server logs it at start), or ca_file, or insecure = true "
                 "(development only)")
+        return True
 
 
 @contextmanager

@@ -77,11 +77,13 @@ async def echo(channel: Any) -> None:
             return
 
 
-async def round_trip(server: Any, client: Any) -> None:
+async def round_trip(server: Any, client: Any, *, verified: bool = True) -> None:
+    """One echo over a QUIC channel; the client's channel is `secure` (encrypted, and the
+    server's certificate verified) exactly when `verified`."""
     async with server.listen("127.0.0.1:0") as listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, echo)
         async with client.connect(listener.endpoint, timeout=WAIT) as channel:
-            assert channel.secure
+            assert channel.secure is verified
             channel.send(b"ping")
             with anyio.fail_after(WAIT):
                 assert await channel.receive() == b"ping"
@@ -149,13 +151,19 @@ async def test_without_verification_options_connecting_fails_and_says_what_to_pa
 
 async def test_insecure_skips_verification(ca_files: dict[str, str]) -> None:
     server = udp(cert_file=ca_files["cert"], key_file=ca_files["key"])
-    await round_trip(server, udp(insecure=True))
+    await round_trip(server, udp(insecure=True), verified=False)
+    # insecure does not undo a check that was made: a pin or a CA still verifies
+    async with server.listen("127.0.0.1:0") as listener:
+        digest = listener.fingerprint
+    await round_trip(server, udp(insecure=True, fingerprint=digest))
+    await round_trip(server, udp(insecure=True, ca_file=ca_files["ca"]))
 
 
 async def test_certificates_generated_in_this_process_are_trusted() -> None:
     """A listener's generated key never leaves this process: a client here that sees it
     is talking to that listener, as if it had pinned the fingerprint."""
     await round_trip(udp(), udp())
+    await round_trip(udp(), udp(insecure=True))  # verified all the same
 
 
 async def test_a_client_with_another_alpn_is_refused() -> None:
