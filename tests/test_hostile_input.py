@@ -52,6 +52,7 @@ from forkcore.protocol.messages import (
     Welcome,
     to_wire,
 )
+from forkcore.server.catalog import activation_slot
 
 WAIT = 5.0  # bound for anything that should happen at once
 CLOSE_DEADLINE = 3.0  # a hostile connection must be closed within this (< handshake timeout)
@@ -727,3 +728,21 @@ def test_frame_decoder_reassembles_frames_split_anywhere(
         start = cut
     assert got == bodies
     assert decoder.buffered == 0
+
+
+def test_activation_slots_of_colliding_keys_do_not_collide() -> None:
+    """Integer and UUID hashes are not randomized: grain keys chosen to share one hash
+    must not share one hash in the server's activation table, else every new activation
+    costs time in proportion to how many such activations exist."""
+    m = 2**61 - 1  # Python hashes integers modulo this prime
+    ints = [k * m for k in range(1, 2001)]
+    assert len({hash(k) for k in ints}) == 1  # as integers they all collide
+    assert len({hash(activation_slot("i", k)) for k in ints}) > 1990
+    uuids = [uuid.UUID(int=k * m) for k in range(1, 2001)]
+    assert len({hash(u) for u in uuids}) == 1
+    assert len({hash(activation_slot("i", u)) for u in uuids}) > 1990
+    # keys of different types or values never share a slot, huge integers included
+    keys: list[Any] = ["1", b"1", 1, -1, 0, 256, -256, uuid.UUID(int=1), "", b"", 10**5000]
+    assert len({activation_slot("i", k) for k in keys}) == len(keys)
+    assert activation_slot("i", 7) != activation_slot("j", 7)
+

@@ -350,3 +350,13 @@ async def test_idle_activation_keeps_no_mailbox(cluster: Any) -> None:
     assert await counter.get() == 20
     [act] = [a for a in server.catalog.activations.values() if a.grain_id.key == "lean"]
     assert act.idle and act.mailbox is None
+
+
+async def test_colliding_integer_keys_each_get_their_own_grain(cluster: Any) -> None:
+    """Grains whose integer keys share one Python hash are still distinct grains."""
+    _server, client = cluster
+    m = 2**61 - 1
+    for k in range(1, 51):
+        assert await client.get_grain(ICounter, k * m).add(k) == k
+    for k in range(1, 51):
+        assert await client.get_grain(ICounter, k * m).get() == k

@@ -39,6 +39,20 @@ WATCH_TICK = 0.1
 YIELD_EVERY = 16
 
 
+def activation_slot(interface: str, key: Key) -> tuple[Any, ...]:
+    """The activation table's key for a grain. String and bytes hashes are randomized per
+    process; integer and UUID hashes are not, so a client could choose keys that all
+    share one hash and make every lookup slow. Those are keyed by their bytes instead."""
+    t = type(key)
+    if t is str or t is bytes:
+        return (interface, key)
+    if t is int:
+        assert isinstance(key, int)
+        return (interface, "int", key.to_bytes((key.bit_length() + 8) // 8, "big",
+                                               signed=True))
+    return (interface, "uuid", key.bytes)  # type: ignore[union-attr]
+
+
 class Call:
     """One call waiting for or running on an activation. `reply` is None for a one-way
     call; `done`, if given, is called once the call has left the catalog (run, failed or
@@ -99,10 +113,10 @@ class Catalog:
         self._reentrant = {(name, method): is_reentrant(cls, method)
                            for name, (spec, cls) in hosted.items() for method in spec.methods}
         self.max_activations = max_activations
-        # (interface, key) → activation, least recently used first, so making room is
-        # O(1) in the common case. Keyed by a plain tuple: hashing a GrainId (attrs)
+        # slot(interface, key) → activation, least recently used first, so making room
+        # is O(1) in the common case. Keyed by a plain tuple: hashing a GrainId (attrs)
         # costs more than the rest of the lookup.
-        self.activations: OrderedDict[tuple[str, Key], Activation] = OrderedDict()
+        self.activations: OrderedDict[tuple[Any, ...], Activation] = OrderedDict()
         self.running_calls = 0
         self.calls_total = 0
         self._calls_done: anyio.Event | None = None  # made by wait_idle, set when idle
@@ -119,7 +133,7 @@ class Catalog:
 
         The interface and method must already be checked against `hosted`; `reentrant`
         is looked up when not given."""
-        slot = (interface, key)
+        slot = activation_slot(interface, key)
         activations = self.activations
         act = activations.get(slot)
         if act is None:
@@ -150,7 +164,7 @@ class Catalog:
         grain.key = grain_id.key
         grain.__init__()  # type: ignore[misc]
         act = Activation(grain, grain_id, monotonic())
-        self.activations[(grain_id.interface, grain_id.key)] = act
+        self.activations[activation_slot(grain_id.interface, grain_id.key)] = act
         return act
 
     def _make_room(self) -> None:
@@ -353,7 +367,7 @@ class Catalog:
                         len(self.activations), timeout)
 
     def _forget(self, act: Activation) -> None:
-        slot = (act.grain_id.interface, act.grain_id.key)
+        slot = activation_slot(act.grain_id.interface, act.grain_id.key)
         if self.activations.get(slot) is act:
             del self.activations[slot]
 
