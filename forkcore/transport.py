@@ -2,8 +2,9 @@
 
 A transport moves frame bodies (bytes) between a client and a server; the runtimes do
 everything else. `StreamChannel` gives any byte stream length-prefixed framing, a frame
-size limit and write coalescing (every frame sent during one event-loop turn goes out
-in one write), so the TCP plugin and the in-process `memory` transport share it.
+size limit and write coalescing (the frames sent during one event-loop turn go out in
+one write; on a stream that can write without waiting, the first of them goes out at
+once), so the TCP plugin and the in-process `memory` transport share it.
 """
 
 from __future__ import annotations
@@ -129,6 +130,12 @@ class StreamChannel:
         self._closing = False
         self._writer_done = anyio.Event()
         self._error: BaseException | None = None
+        # a stream that can write without waiting (`try_send(data) -> bytes written`)
+        # gets the first frame of each loop turn at once: no task switch before the
+        # kernel has it. The writer task sends the rest of the turn, joined.
+        self._try_send: Any = getattr(stream, "try_send", None)
+        self._sent_directly = False  # a frame went out directly since the writer last ran
+        self._writing = False  # the writer is inside a send: nothing may overtake it
 
     @classmethod
     @asynccontextmanager
@@ -161,8 +168,24 @@ class StreamChannel:
         self._pending_bytes += size + 4
         if self._pending_bytes > self.HIGH_WATER and self._drained.is_set():
             self._drained = anyio.Event()
-        if len(pending) == 2:  # the first frame of this batch: wake the writer
+        if len(pending) == 2:  # the first frame of this batch
+            if self._try_send is not None and not self._sent_directly \
+                    and not self._writing:
+                self._sent_directly = True
+                self._send_now()
             self._wake.set()
+
+    def _send_now(self) -> None:
+        pending = self._pending
+        data = pending[0] + pending[1]
+        try:
+            sent = self._try_send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return  # the writer finds out too, and closes the channel
+        pending.clear()
+        if sent < len(data):
+            pending.append(data[sent:])
+        self._pending_bytes = len(data) - sent
 
     async def drain(self) -> None:
         if self._pending_bytes > self.HIGH_WATER:
@@ -199,6 +222,7 @@ class StreamChannel:
     async def _write_loop(self) -> None:
         try:
             while True:
+                self._sent_directly = False
                 if not self._pending:
                     if self._closed or self._closing:
                         return
@@ -208,7 +232,11 @@ class StreamChannel:
                 data = b"".join(self._pending)
                 self._pending.clear()
                 self._pending_bytes = 0
-                await self._stream.send(data)
+                self._writing = True
+                try:
+                    await self._stream.send(data)
+                finally:
+                    self._writing = False
                 self._drained.set()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream,
                 OSError) as exc:

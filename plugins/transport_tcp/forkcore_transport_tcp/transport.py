@@ -1,6 +1,7 @@
-"""TCP transport: anyio TCP streams, TCP_NODELAY, frames via forkcore's StreamChannel
-(length prefix, size limit checked before the body is read, writes of one loop turn
-coalesced into one send), optionally inside TLS 1.3 (see `tls`).
+"""TCP transport: TCP_NODELAY sockets driven through anyio (see `sockets`), frames via
+forkcore's StreamChannel (length prefix, size limit checked before the body is read, the
+first frame of a loop turn written at once and the rest of the turn coalesced into one
+send), optionally inside TLS 1.3 (see `tls`).
 
 Every channel carries `secure`: on the server side, True when TLS protects it; on the
 client side, True only when TLS protects it *and* the server's certificate was verified
@@ -32,17 +33,18 @@ from forkcore.transport import (
     split_endpoint,
 )
 
+from . import sockets
 from .tls import ClientTls, client_tls, positive_seconds, pretty_fingerprint, server_context
 
 log = logging.getLogger("forkcore.transport.tcp")
 
 
-def _nodelay(stream: anyio.abc.SocketStream) -> None:
+def _nodelay(stream: anyio.abc.ByteStream) -> None:
     sock = stream.extra(SocketAttribute.raw_socket)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _peer(stream: anyio.abc.SocketStream) -> str:
+def _peer(stream: anyio.abc.ByteStream) -> str:
     try:
         address: Any = stream.extra(SocketAttribute.remote_address)
         return join_endpoint(str(address[0]), int(address[1]))
@@ -90,7 +92,7 @@ class TcpListener:
         """Refuse new connections; those already accepted keep running."""
         self._accepting.cancel()
 
-    async def _handshake(self, raw: anyio.abc.SocketStream, peer: str) -> TLSStream | None:
+    async def _handshake(self, raw: anyio.abc.ByteStream, peer: str) -> TLSStream | None:
         """The server side of the TLS handshake, bounded by `handshake_timeout`; None (and
         the connection closed, nothing sent) if it fails."""
         assert self._tls is not None
@@ -124,7 +126,7 @@ class TcpListener:
             _mark(channel, secure)
             await handler(channel)
 
-        async def accepted(raw: anyio.abc.SocketStream) -> None:
+        async def accepted(raw: anyio.abc.ByteStream) -> None:
             try:
                 _nodelay(raw)
             except OSError:
@@ -140,9 +142,12 @@ class TcpListener:
             await serve_guarded(marked, stream, peer, self.max_frame_size, log)
 
         async def accept_loop(listener: Any) -> None:
+            # accepted sockets become SocketByteStreams (see sockets.py); the listener's
+            # own accept() is never called, so its socket is only waited on here
+            listening = listener.extra(SocketAttribute.raw_socket)
             while True:
                 try:
-                    stream = await listener.accept()
+                    stream = await sockets.accept(listening)
                 except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                     return
                 except OSError as exc:
@@ -193,7 +198,7 @@ class TcpTransport:
         deadline = anyio.current_time() + timeout
         try:
             with anyio.fail_after(timeout):
-                raw = await anyio.connect_tcp(host, port)
+                raw = await sockets.connect(host, port)
         except TimeoutError:
             raise ConnectError(
                 f"connecting to {endpoint} timed out after {timeout:g}s: is the server up "
@@ -231,7 +236,7 @@ class TcpTransport:
         if unwrapped is not None:
             raise unwrapped
 
-    async def _client_handshake(self, raw: anyio.abc.SocketStream, endpoint: str, host: str,
+    async def _client_handshake(self, raw: anyio.abc.ByteStream, endpoint: str, host: str,
                                 tls: ClientTls, timeout: float, remaining: float) -> TLSStream:
         """TLS over `raw`, within what is left of the connect timeout, then the pinned
         fingerprint check; a `ConnectError` saying which check failed otherwise."""
