@@ -41,6 +41,11 @@ class SocketByteStream(anyio.abc.ByteStream):
         sock.setblocking(False)
         self._sock = sock
         self._closed = False
+        # received into one reused buffer: a fresh 64 KiB bytes per read costs the
+        # allocator (and here system calls) more than copying out what arrived
+        self._buffer = bytearray(RECEIVE_SIZE)
+        self._view = memoryview(self._buffer)
+        self._more = False  # the last read filled the buffer: more is probably waiting
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
@@ -54,21 +59,33 @@ class SocketByteStream(anyio.abc.ByteStream):
 
     async def receive(self, max_bytes: int = RECEIVE_SIZE) -> bytes:
         sock = self._sock
+        size = min(max_bytes, RECEIVE_SIZE)
+        if not self._more:
+            # the peer usually has not answered yet: wait first rather than make a
+            # read that fails
+            await self._wait_readable()
         while True:
             if self._closed:
                 raise anyio.ClosedResourceError
             try:
-                data = sock.recv(max_bytes)
+                received = sock.recv_into(self._buffer, size)
             except (BlockingIOError, InterruptedError):
-                await anyio.wait_readable(sock)
+                await self._wait_readable()
                 continue
             except OSError as exc:
                 if self._closed:
                     raise anyio.ClosedResourceError from None
                 raise _broken(exc) from None
-            if not data:
+            if not received:
                 raise anyio.EndOfStream
-            return data
+            self._more = received == size
+            return bytes(self._view[:received])
+
+    async def _wait_readable(self) -> None:
+        try:
+            await anyio.wait_readable(self._sock)
+        except OSError as exc:  # the socket was closed under us
+            raise anyio.ClosedResourceError from exc
 
     def try_send(self, data: bytes) -> int:
         """Write what the kernel takes of `data` now, without waiting: the number of
