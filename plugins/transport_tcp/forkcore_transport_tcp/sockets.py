@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,19 @@ RECEIVE_SIZE = 65536
 
 # errors that mean the connection is gone (as opposed to "try again later")
 _GONE = (ConnectionError, BrokenPipeError, TimeoutError)
+
+
+_local = threading.local()
+
+
+def _receive_buffer() -> bytearray:
+    """The buffer this thread's connections read into, one for all of them: a fresh
+    64 KiB bytes per read costs the allocator (here, system calls) more than copying out
+    what arrived, and a buffer per connection would cost 64 KiB per idle connection."""
+    buffer: bytearray | None = getattr(_local, "buffer", None)
+    if buffer is None:
+        buffer = _local.buffer = bytearray(RECEIVE_SIZE)
+    return buffer
 
 
 def _broken(exc: OSError) -> anyio.BrokenResourceError:
@@ -41,10 +55,6 @@ class SocketByteStream(anyio.abc.ByteStream):
         sock.setblocking(False)
         self._sock = sock
         self._closed = False
-        # received into one reused buffer: a fresh 64 KiB bytes per read costs the
-        # allocator (and here system calls) more than copying out what arrived
-        self._buffer = bytearray(RECEIVE_SIZE)
-        self._view = memoryview(self._buffer)
         self._more = False  # the last read filled the buffer: more is probably waiting
 
     @property
@@ -67,8 +77,9 @@ class SocketByteStream(anyio.abc.ByteStream):
         while True:
             if self._closed:
                 raise anyio.ClosedResourceError
+            buffer = _receive_buffer()
             try:
-                received = sock.recv_into(self._buffer, size)
+                received = sock.recv_into(buffer, size)
             except (BlockingIOError, InterruptedError):
                 await self._wait_readable()
                 continue
@@ -79,7 +90,7 @@ class SocketByteStream(anyio.abc.ByteStream):
             if not received:
                 raise anyio.EndOfStream
             self._more = received == size
-            return bytes(self._view[:received])
+            return bytes(memoryview(buffer)[:received])  # copied out before any await
 
     async def _wait_readable(self) -> None:
         try:
