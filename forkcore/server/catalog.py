@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from time import monotonic
@@ -39,6 +40,9 @@ WATCH_TICK = 0.1
 YIELD_EVERY = 16
 
 
+_HASH_MODULUS = sys.hash_info.modulus  # Python hashes integers modulo this prime
+
+
 def activation_slot(interface: str, key: Key) -> tuple[Any, ...]:
     """The activation table's key for a grain. String and bytes hashes are randomized per
     process; integer and UUID hashes are not, so a client could choose keys that all
@@ -48,6 +52,10 @@ def activation_slot(interface: str, key: Key) -> tuple[Any, ...]:
         return (interface, key)
     if t is int:
         assert isinstance(key, int)
+        if -_HASH_MODULUS < key < _HASH_MODULUS:
+            # distinct integers below the modulus have distinct hashes (but -1 and -2):
+            # nothing to collide
+            return (interface, key)
         return (interface, "int", key.to_bytes((key.bit_length() + 8) // 8, "big",
                                                signed=True))
     return (interface, "uuid", key.bytes)  # type: ignore[union-attr]
@@ -143,7 +151,8 @@ class Catalog:
         else:
             activations.move_to_end(slot)
         act.last_used = monotonic()
-        self._started()
+        self.calls_total += 1
+        self.running_calls += 1
         if reentrant is None:
             reentrant = self._reentrant[(interface, call.method)]
         if reentrant:
@@ -176,10 +185,6 @@ class Catalog:
                 return
         log.warning("all %d activations are busy; exceeding max_activations",
                     len(self.activations))
-
-    def _started(self) -> None:
-        self.calls_total += 1
-        self.running_calls += 1
 
     def _finished(self) -> None:
         self.running_calls -= 1
