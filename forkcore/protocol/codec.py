@@ -294,14 +294,20 @@ class _KeyGuard:
         # per kind: hash -> distinct values (compared in a cheap form)
         self._seen: tuple[dict[int, list[Any]], ...] = ({}, {}, {}, {}, {})
         table = dict(_SEMANTIC)
-        table[TAG_BIGNUM_POS] = self._bignum_pos
-        table[TAG_BIGNUM_NEG] = self._bignum_neg
-        table[TAG_UUID] = self._uuid
-        table[TAG_TUPLE] = self._tuple
-        table[TAG_WIRE_TYPE] = self._wire_type
-        table[TAG_DATETIME] = self._datetime
-        table[TAG_NAIVE_DATETIME] = self._naive_datetime
+        # tag: (decoder, kind, the cheap form its values are compared in)
+        for tag, (decode, kind, compared) in _GUARDED.items():
+            table[tag] = self._counted(decode, kind, compared)
         self.table = table
+
+    def _counted(self, decode: Callable[[Any, bool], Any], kind: int,
+                 compared: Callable[[Any], Any]) -> Callable[[Any, bool], Any]:
+        def counted(value: Any, immutable: bool) -> Any:
+            result = decode(value, immutable)
+            if immutable:
+                self._note(kind, result, compared(result))
+            return result
+
+        return counted
 
     def _note(self, kind: int, value: Any, compared: Any) -> None:
         try:
@@ -320,53 +326,27 @@ class _KeyGuard:
                     "keys with identical hashes in one message: hash flooding, refused")
             values.append(compared)
 
-    def _bignum_pos(self, value: Any, immutable: bool) -> Any:
-        result = _bignum(value)
-        if immutable:
-            self._note(0, result, result)
-        return result
-
-    def _bignum_neg(self, value: Any, immutable: bool) -> Any:
-        result = -1 - _bignum(value)
-        if immutable:
-            self._note(0, result, result)
-        return result
-
-    def _uuid(self, value: Any, immutable: bool) -> Any:
-        result = _decode_uuid(value, immutable)
-        if immutable:
-            self._note(1, result, result.int)
-        return result
-
-    def _tuple(self, value: Any, immutable: bool) -> Any:
-        result = _decode_tuple(value, immutable)
-        if immutable:
-            self._note(2, result, result)
-        return result
-
-    def _wire_type(self, value: Any, immutable: bool) -> Any:
-        result = _decode_wire_type(value, immutable)
-        if immutable:
-            self._note(3, result, result)
-        return result
-
-    def _datetime(self, value: Any, immutable: bool) -> Any:
-        result = _decode_datetime(value, immutable)
-        if immutable:
-            self._note(4, result, result)
-        return result
-
-    def _naive_datetime(self, value: Any, immutable: bool) -> Any:
-        result = _decode_naive_datetime(value, immutable)
-        if immutable:
-            self._note(4, result, result)
-        return result
-
 
 def _bignum(value: Any) -> int:
     if not isinstance(value, bytes):
         raise ProtocolError("malformed CBOR: a bignum (tag 2 or 3) must hold a byte string")
     return int.from_bytes(value, "big")
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+# the tags whose values hash predictably, by kind: (decoder, kind, compared form)
+_GUARDED: dict[int, tuple[Callable[[Any, bool], Any], int, Callable[[Any], Any]]] = {
+    TAG_BIGNUM_POS: (lambda value, immutable: _bignum(value), 0, _same),
+    TAG_BIGNUM_NEG: (lambda value, immutable: -1 - _bignum(value), 0, _same),
+    TAG_UUID: (_decode_uuid, 1, lambda uuid: uuid.int),
+    TAG_TUPLE: (_decode_tuple, 2, _same),
+    TAG_WIRE_TYPE: (_decode_wire_type, 3, _same),
+    TAG_DATETIME: (_decode_datetime, 4, _same),
+    TAG_NAIVE_DATETIME: (_decode_naive_datetime, 4, _same),
+}
 
 
 def _truncated() -> ProtocolError:
