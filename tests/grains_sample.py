@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import decimal
 import uuid
 from typing import Any
 
@@ -26,6 +27,7 @@ class ICounter(forkcore.GrainInterface, name="test.counter"):
     async def key_of(self) -> Any: ...
     async def echo(self, value: Any) -> Any: ...
     async def fail(self, message: str) -> None: ...
+    async def odd(self, kind: str) -> Any: ...
     async def sleep(self, seconds: float) -> str: ...
     @forkcore.rpc(timeout=0.5)
     async def slow(self, seconds: float) -> str: ...
@@ -65,6 +67,14 @@ class Counter(forkcore.Grain, ICounter):
 
     async def fail(self, message: str) -> None:
         raise ValueError(message)
+
+    async def odd(self, kind: str) -> Any:
+        """Results and errors that are awkward to send back (made here, since the
+        client would refuse to send them)."""
+        if kind == "bad error":
+            raise ValueError("cannot be encoded: \udc80")
+        return {"empty tuple": (), "empty set": set(), "zero decimal": decimal.Decimal(0),
+                "empty frozenset": frozenset(), "nested tuple": [()]}[kind]
 
     async def sleep(self, seconds: float) -> str:
         await anyio.sleep(seconds)

@@ -746,3 +746,15 @@ def test_activation_slots_of_colliding_keys_do_not_collide() -> None:
     assert len({activation_slot("i", k) for k in keys}) == len(keys)
     assert activation_slot("i", 7) != activation_slot("j", 7)
 
+
+
+@pytest.mark.parametrize("timeout", [10**400, -(10**400), float("nan"), float("inf"), -1.0])
+def test_a_request_with_an_impossible_timeout_is_a_protocol_error(timeout: Any) -> None:
+    """Including integers too big for a float (they used to raise OverflowError)."""
+    from forkcore.protocol.messages import REQUEST, from_wire, request_fields
+
+    item = [REQUEST, 1, "test.counter", "k", "add", [1], {}, timeout]
+    with pytest.raises(ProtocolError, match="timeout"):
+        from_wire(item)
+    with pytest.raises(ProtocolError, match="timeout"):
+        request_fields(item)

@@ -360,3 +360,52 @@ async def test_colliding_integer_keys_each_get_their_own_grain(cluster: Any) -> 
         assert await client.get_grain(ICounter, k * m).add(k) == k
     for k in range(1, 51):
         assert await client.get_grain(ICounter, k * m).get() == k
+
+
+async def test_empty_tuples_come_back_as_tuples(cluster: Any) -> None:
+    _, client = cluster
+    counter = client.get_grain(ICounter, "odd")
+    assert await counter.odd("empty tuple") == ()
+    assert type(await counter.odd("empty tuple")) is tuple
+    assert await counter.odd("nested tuple") == [()]
+
+
+@pytest.mark.parametrize("kind", ["empty set", "empty frozenset", "zero decimal"])
+async def test_a_result_that_cannot_cross_fails_that_call_only(cluster: Any,
+                                                               kind: str) -> None:
+    """The server refuses to send it (WireTypeError); the connection and the other calls
+    on it are unharmed."""
+    _, client = cluster
+    counter = client.get_grain(ICounter, "odd")
+    other = client.get_grain(ICounter, "bystander")
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other.sleep, 0.2)
+            with pytest.raises(RemoteError) as caught:
+                await counter.odd(kind)
+            assert caught.value.type_name == "WireTypeError"
+        assert await other.add(1) == 1
+
+
+async def test_an_error_message_that_cannot_be_encoded_still_fails_its_call(
+        cluster: Any) -> None:
+    """The caller gets its RemoteError, and the calls queued behind it on the same grain
+    still run."""
+    _, client = cluster
+    counter = client.get_grain(ICounter, "bad-error")
+    outcomes: list[Any] = []
+
+    async def failing() -> None:
+        try:
+            await counter.odd("bad error")
+        except RemoteError as exc:
+            outcomes.append((exc.type_name, exc.message))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(failing)
+            await anyio.sleep(0)
+            for _ in range(3):
+                tg.start_soon(counter.add, 1)
+        assert await counter.get() == 3
+    assert outcomes == [("ValueError", "(the error message could not be encoded)")]

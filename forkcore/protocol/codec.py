@@ -167,7 +167,10 @@ def encode_if_plain(item: Any, *parts: Any) -> bytes:
     """`encode(item)`, where everything in `item` outside `parts` is known to be plain
     (a message's own fields): only the parts are scanned."""
     for part in parts:
-        if part and type(part) not in _PLAIN_TYPES and not _plain(part, 1):
+        t = type(part)
+        if t in _PLAIN_TYPES or ((t is list or t is dict) and not part):
+            continue  # the common cases, without a call
+        if not _plain(part, 1):
             return encode(item)
     try:
         return _dumps(item)

@@ -242,9 +242,12 @@ def _opt_str(v: Any, what: str) -> str | None:
 
 
 def _num(v: Any, what: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise _bad(f"{what} must be a finite number")
-    return float(v)
+    try:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise _bad(f"{what} must be a finite number")
+        return float(v)
+    except OverflowError:  # an integer too big for a float
+        raise _bad(f"{what} must be a finite number") from None
 
 
 def _key(v: Any) -> Key:

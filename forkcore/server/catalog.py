@@ -300,6 +300,10 @@ class Catalog:
                             reply, call.reply = call.reply, None
                             if reply is not None:
                                 reply(True, result)
+                        except Exception:
+                            # answering failed (a bug of ours): the calls behind it go on
+                            log.exception("answering %s.%s failed", act.grain_id,
+                                          call.method)
                         finally:
                             self._finished()
                             if call.done is not None:
@@ -313,9 +317,12 @@ class Catalog:
         """Answer a call whose work the watcher cancelled at its deadline."""
         if call.expired and not call.cancelled and call.reply is not None:
             reply, call.reply = call.reply, None
-            reply(False, ("timeout", "RequestTimeout",
-                          f"the grain did not finish {call.method} before the caller's "
-                          "deadline; the work was cancelled"))
+            try:
+                reply(False, ("timeout", "RequestTimeout",
+                              f"the grain did not finish {call.method} before the "
+                              "caller's deadline; the work was cancelled"))
+            except Exception:
+                log.exception("answering %s after its deadline failed", call.method)
 
     async def _watch_deadlines(self) -> None:
         """Cancel the work of calls that outlive their deadline. Sleeps while no call
@@ -346,6 +353,8 @@ class Catalog:
             if call.reply is not None:
                 call.reply(False, ("remote", type(error).__name__,
                                    f"on_activate failed: {error}"))
+        except Exception:
+            log.exception("answering %s after a failed activation failed", call.method)
         finally:
             self._finished()
             if call.done is not None:

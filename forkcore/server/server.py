@@ -135,8 +135,19 @@ class ServerConnection:
 
     def send(self, msg: Any) -> None:
         try:
-            self.channel.send(self.proto.encode(msg))
-        except (ConnectError, ProtocolError):
+            body = self.proto.encode(msg)
+        except ProtocolError:
+            return  # the connection is closed already
+        except codec.WireTypeError:
+            if not isinstance(msg, Failure):
+                raise
+            # a grain's error message that cannot be encoded (say, lone surrogates):
+            # the caller still gets its failure
+            body = self.proto.encode(Failure(msg.id, msg.kind, msg.type_name,
+                                             "(the error message could not be encoded)"))
+        try:
+            self.channel.send(body)
+        except ConnectError:
             pass
 
     def reply_for(self, request_id: int) -> Any:
