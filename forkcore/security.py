@@ -18,6 +18,7 @@ import contextvars
 import hashlib
 import hmac
 import os
+import string
 import struct
 from collections.abc import Callable
 from enum import IntEnum
@@ -128,6 +129,34 @@ def load_psk(psk: str | None, psk_file: str | None, where: str) -> bytes | None:
                           f"bytes (got {len(key)}); generate one with "
                           "'python -c \"import secrets; print(secrets.token_urlsafe(32))\"'")
     return key
+
+
+# -- certificate fingerprints (shared by the TLS transports) --------------------------------
+
+
+def certificate_fingerprint(der: bytes) -> str:
+    """The SHA-256 fingerprint of a DER certificate, as 64 lower-case hex digits."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def pretty_fingerprint(digest: str) -> str:
+    """`AB:CD:...`, the form `openssl x509 -fingerprint -sha256` prints."""
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2)).upper()
+
+
+def parse_fingerprint(text: str) -> str:
+    """`text` (hex, colons and spaces optional, or as openssl prints it) as 64 lower-case
+    hex digits; ValueError if it is no SHA-256 fingerprint."""
+    digest = text.strip().lower()
+    if digest.startswith("sha256 fingerprint="):  # as openssl prints it
+        digest = digest[len("sha256 fingerprint="):]
+    digest = digest.replace(":", "").replace(" ", "")
+    if digest.startswith("sha256/"):
+        digest = digest[len("sha256/"):]
+    if len(digest) != 64 or any(c not in string.hexdigits for c in digest):
+        raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits, colons "
+                         "optional)")
+    return digest
 
 
 def new_nonce() -> bytes:

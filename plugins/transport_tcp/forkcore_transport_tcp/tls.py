@@ -9,16 +9,15 @@ when the transport is built, so a bad option is a `ConfigError` before anything 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
 import ssl
-import string
 from dataclasses import dataclass
 from typing import Any
 
 from forkcore.errors import ConfigError, ConnectError
+from forkcore.security import certificate_fingerprint, parse_fingerprint
 
 ALPN = "forkcore/1"
 MIN_VERSION = ssl.TLSVersion.TLSv1_3
@@ -28,32 +27,18 @@ _PEM_CERT = re.compile(
 )
 
 
-def fingerprint_of(der: bytes) -> str:
-    """Lower-case hex SHA-256 of a DER certificate, no colons."""
-    return hashlib.sha256(der).hexdigest()
-
-
-def pretty_fingerprint(digest: str) -> str:
-    """`AB:CD:...`, the form `openssl x509 -fingerprint -sha256` prints."""
-    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2)).upper()
-
-
 def normalize_fingerprint(value: Any) -> str:
     """`value` as 64 lower-case hex digits, or a `ConfigError` naming the option."""
     if not isinstance(value, str):
         raise ConfigError(f"transport_options.fingerprint must be a string of 64 hex digits "
                           f"(colons optional), not {type(value).__name__}")
-    digest = value.strip().lower()
-    if digest.startswith("sha256 fingerprint="):  # as openssl prints it
-        digest = digest[len("sha256 fingerprint="):]
-    digest = digest.replace(":", "").replace(" ", "")
-    if digest.startswith("sha256/"):
-        digest = digest[len("sha256/"):]
-    if len(digest) != 64 or any(c not in string.hexdigits for c in digest):
+    try:
+        return parse_fingerprint(value)
+    except ValueError:
         raise ConfigError(f"transport_options.fingerprint {value!r} is not a SHA-256 "
                           "fingerprint: it must be 64 hex digits (colons optional), as "
-                          "`openssl x509 -noout -fingerprint -sha256 -in cert.pem` prints it")
-    return digest
+                          "`openssl x509 -noout -fingerprint -sha256 -in cert.pem` prints "
+                          "it") from None
 
 
 def _path(name: str, value: Any) -> str | None:
@@ -134,7 +119,7 @@ def server_context(cert_file: Any, key_file: Any) -> tuple[ssl.SSLContext, str] 
                               f"cert_file {cert!r}") from None
         raise ConfigError(f"transport_options.cert_file {cert!r} / key_file {key!r} cannot "
                           f"be loaded: {reason}") from None
-    return context, fingerprint_of(der)
+    return context, certificate_fingerprint(der)
 
 
 @dataclass(frozen=True)
@@ -155,7 +140,7 @@ class ClientTls:
         """After the handshake: the pinned fingerprint and the ALPN protocol."""
         if self.fingerprint is not None:
             der = ssl_object.getpeercert(binary_form=True)
-            actual = fingerprint_of(der) if der else "no certificate"
+            actual = certificate_fingerprint(der) if der else "no certificate"
             if actual != self.fingerprint:
                 raise ConnectError(
                     f"certificate of {endpoint} does not match the pinned fingerprint "

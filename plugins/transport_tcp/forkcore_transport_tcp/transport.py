@@ -24,6 +24,7 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 
 from forkcore.errors import ConfigError, ConnectError
 from forkcore.protocol.framing import DEFAULT_MAX_FRAME_SIZE
+from forkcore.security import pretty_fingerprint
 from forkcore.transport import (
     Channel,
     Handler,
@@ -34,7 +35,7 @@ from forkcore.transport import (
 )
 
 from . import sockets
-from .tls import ClientTls, client_tls, positive_seconds, pretty_fingerprint, server_context
+from .tls import ClientTls, client_tls, positive_seconds, server_context
 
 log = logging.getLogger("forkcore.transport.tcp")
 

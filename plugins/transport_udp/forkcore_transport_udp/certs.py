@@ -9,9 +9,7 @@ SHA-256 fingerprint (the hex digest of the DER encoding, as `openssl x509 -finge
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
-import string
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -19,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from forkcore.errors import ConfigError
+from forkcore.security import certificate_fingerprint
 
 Certificate = x509.Certificate
 PrivateKey = ec.EllipticCurvePrivateKey
@@ -36,26 +35,7 @@ def generated_here(digest: str) -> bool:
 
 def fingerprint(cert: x509.Certificate) -> str:
     """Lower-case hex SHA-256 of the certificate's DER encoding, no colons."""
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
-def pretty_fingerprint(hex_digest: str) -> str:
-    """`AB:CD:...`, the form tools such as openssl print."""
-    return ":".join(hex_digest[i:i + 2] for i in range(0, len(hex_digest), 2)).upper()
-
-
-def normalize_fingerprint(text: str) -> str:
-    """`text` as lower-case hex without colons or spaces; ValueError if it is no SHA-256."""
-    digest = text.strip().lower()
-    if digest.startswith("sha256 fingerprint="):  # as openssl prints it
-        digest = digest[len("sha256 fingerprint="):]
-    digest = digest.replace(":", "").replace(" ", "")
-    if digest.startswith("sha256/"):
-        digest = digest[len("sha256/"):]
-    if len(digest) != 64 or any(c not in string.hexdigits for c in digest):
-        raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits, colons "
-                         "optional)")
-    return digest
+    return certificate_fingerprint(cert.public_bytes(serialization.Encoding.DER))
 
 
 def generate(host: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

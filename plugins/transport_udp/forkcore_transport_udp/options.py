@@ -15,8 +15,7 @@ import attrs
 
 from forkcore.errors import ConfigError
 from forkcore.protocol.framing import DEFAULT_MAX_FRAME_SIZE
-
-from .certs import normalize_fingerprint
+from forkcore.security import parse_fingerprint
 
 Check = Callable[[Any], str | None]
 
@@ -112,7 +111,7 @@ class UdpOptions:
             values[name] = value
         if values.get("fingerprint") is not None:
             try:
-                values["fingerprint"] = normalize_fingerprint(values["fingerprint"])
+                values["fingerprint"] = parse_fingerprint(values["fingerprint"])
             except ValueError as exc:
                 raise ConfigError(f"transport_options.fingerprint {exc}") from None
         if values.get("key_file") and not values.get("cert_file"):

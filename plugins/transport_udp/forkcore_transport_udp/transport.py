@@ -22,6 +22,7 @@ import anyio.abc
 from aioquic.quic.configuration import QuicConfiguration
 
 from forkcore.errors import ConnectError
+from forkcore.security import pretty_fingerprint
 from forkcore.transport import join_endpoint, split_endpoint
 
 from . import certs
@@ -149,7 +150,7 @@ class UdpTransport:
         fingerprint = certs.fingerprint(cert)
         log.info("udp: generated a self-signed certificate; SHA-256 fingerprint %s (clients "
                  "pin it with transport_options fingerprint = \"%s\")",
-                 certs.pretty_fingerprint(fingerprint), fingerprint)
+                 pretty_fingerprint(fingerprint), fingerprint)
         return fingerprint
 
     # -- client --------------------------------------------------------------------------

@@ -14,10 +14,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from forkcore_transport_udp import certs
 
 import forkcore.plugins
 from forkcore.errors import ConfigError, ConnectError
+from forkcore.security import pretty_fingerprint
 
 pytestmark = pytest.mark.anyio
 WAIT = 5.0
@@ -113,7 +113,7 @@ async def test_generated_certificate_is_logged_and_exposed(
     caplog.set_level(logging.INFO, logger="forkcore.transport.udp")
     async with udp().listen("127.0.0.1:0") as listener:
         assert len(listener.fingerprint) == 64
-    assert certs.pretty_fingerprint(listener.fingerprint) in caplog.text
+    assert pretty_fingerprint(listener.fingerprint) in caplog.text
     assert listener.fingerprint in caplog.text
 
 
@@ -123,7 +123,7 @@ async def test_pinned_fingerprint_passes_with_or_without_colons(
     async with server.listen("127.0.0.1:0") as listener:
         digest = listener.fingerprint
     await round_trip(server, udp(fingerprint=digest))
-    await round_trip(server, udp(fingerprint=certs.pretty_fingerprint(digest)))
+    await round_trip(server, udp(fingerprint=pretty_fingerprint(digest)))
 
 
 async def test_wrong_fingerprint_is_a_connect_error_naming_the_check(
