@@ -77,12 +77,6 @@ class Pending:
             self.result = result
             self.event.set()
 
-    def outcome(self) -> Any:
-        """The result, or raise the error."""
-        if self.error is not None:
-            raise self.error
-        return self.result
-
     def fail(self, error: ForkcoreError) -> None:
         if not self.done:
             self.done = True
@@ -240,23 +234,11 @@ class ClientConnection:
 
     # -- calls ----------------------------------------------------------------------------
 
-    async def request(self, interface: str, key: Key, method: str, args: list[Any],
-                      kwargs: dict[str, Any], deadline: float) -> Any:
-        """Send one call and wait for its result (or typed error)."""
-        rid, pending = self.start(interface, key, method, args, kwargs, deadline)
-        try:
-            await pending.event.wait()  # the deadline watcher fails it when overdue
-        finally:
-            if not pending.done:  # the caller was cancelled
-                self.abandon(rid)
-        return pending.outcome()
-
     def start(self, interface: str, key: Key, method: str, args: list[Any],
               kwargs: dict[str, Any], deadline: float) -> tuple[int, Pending]:
-        """Send one call; the caller awaits `pending.event`, then takes
-        `pending.outcome()`, or calls `abandon(rid)` if it stops waiting first. (What
-        `request` does, in pieces, so `Client.invoke` can await without one more
-        coroutine frame on the hot path.)"""
+        """Send one call. The caller awaits `pending.event` (the reader or the deadline
+        watcher sets it), then reads `pending.error` / `pending.result`, or calls
+        `abandon(rid)` if it stops waiting first."""
         if self.closed:
             raise NotSent(f"connection to {self.server_id} ({self.endpoint}) is closed")
         rid = self._next_id

@@ -23,7 +23,7 @@ import anyio
 import anyio.abc
 from anyio.lowlevel import checkpoint
 
-from ..grains import Grain, GrainId, InterfaceSpec, Key, is_reentrant
+from ..grains import Grain, GrainId, InterfaceSpec, Key
 from ..security import ANONYMOUS, Identity, reset_caller, set_caller
 from .workers import WorkerPool
 
@@ -118,8 +118,6 @@ class Catalog:
         self._tg = task_group
         self._workers = WorkerPool(task_group)
         # fixed per (interface, method): looked up once here, not on every call
-        self._reentrant = {(name, method): is_reentrant(cls, method)
-                           for name, (spec, cls) in hosted.items() for method in spec.methods}
         self.max_activations = max_activations
         # slot(interface, key) → activation, least recently used first, so making room
         # is O(1) in the common case. Keyed by a plain tuple: hashing a GrainId (attrs)
@@ -135,12 +133,11 @@ class Catalog:
 
     # -- submitting -----------------------------------------------------------------------
 
-    def submit(self, interface: str, key: Key, call: Call,
-               reentrant: bool | None = None) -> None:
-        """Queue `call` on the activation of (interface, key), creating it if needed.
+    def submit(self, interface: str, key: Key, call: Call, reentrant: bool) -> None:
+        """Queue `call` on the activation of (interface, key), creating it if needed, or
+        start it at once if its method is `reentrant`.
 
-        The interface and method must already be checked against `hosted`; `reentrant`
-        is looked up when not given."""
+        The interface and method must already be checked against `hosted`."""
         slot = activation_slot(interface, key)
         activations = self.activations
         act = activations.get(slot)
@@ -153,8 +150,6 @@ class Catalog:
         act.last_used = monotonic()
         self.calls_total += 1
         self.running_calls += 1
-        if reentrant is None:
-            reentrant = self._reentrant[(interface, call.method)]
         if reentrant:
             act.reentrant_running += 1
             self._workers.submit(self._run_reentrant, act, call)

@@ -37,7 +37,6 @@ from ..protocol.messages import (
     OneWay,
     Ping,
     Pong,
-    Request,
     Stats,
     StatsRequest,
     Welcome,
@@ -281,11 +280,8 @@ class ServerConnection:
         return identity
 
     def handle(self, msg: Any) -> None:
-        t = type(msg)
-        if t is Request:
-            self.request(msg.id, msg.interface, msg.key, msg.method, msg.args, msg.kwargs,
-                         msg.timeout)
-        elif t is OneWay:
+        t = type(msg)  # (requests take the hot path in `run`, never this one)
+        if t is OneWay:
             self.one_way(msg)
         elif t is Ping:
             self.send(Pong(msg.nonce, msg.sent_at))
@@ -337,19 +333,21 @@ class ServerConnection:
 
     def one_way(self, msg: OneWay) -> None:
         server = self.server
-        complaint = server.check_target(msg.interface, msg.method)
-        if complaint is not None:
-            log.warning("one-way call from %s dropped: %s", self.channel.peer, complaint)
+        target = server.targets.get((msg.interface, msg.method))
+        if target is None:
+            log.warning("one-way call from %s dropped: %s", self.channel.peer,
+                        server.check_target(msg.interface, msg.method))
             return
-        if server.draining or server.roles[(msg.interface, msg.method)] > self.identity.role:
+        required, reentrant = target
+        if server.draining or required > self.identity.role:
             return
-        if len(self.calls) + self.one_ways >= server.options.max_in_flight:
+        if len(self.calls) + self.one_ways >= server.max_in_flight:
             self.drop_one_way(msg)
             return
         self.one_ways += 1
         server.catalog.submit(msg.interface, msg.key,
                               Call(msg.method, msg.args, msg.kwargs, math.inf, None,
-                                   self.identity, self.one_way_done))
+                                   self.identity, self.one_way_done), reentrant)
 
     def one_way_done(self) -> None:
         self.one_ways -= 1
@@ -416,12 +414,11 @@ class Server:
         self.transport = create("transport", options.transport, options.transport_options,
                                 where, "transport", "transport_options")
         self.hosted = host_table(find_grain_classes(options.grains))
-        self.roles = {(name, method): required_role(spec.cls, getattr(spec.cls, method),
-                                                    cls, getattr(cls, method))
-                      for name, (spec, cls) in self.hosted.items() for method in spec.methods}
         # (interface, method) → (required role, reentrant): one lookup per call
-        self.targets = {(name, method): (self.roles[(name, method)], is_reentrant(cls, method))
-                        for name, (spec, cls) in self.hosted.items() for method in spec.methods}
+        self.targets: dict[tuple[str, str], tuple[Role, bool]] = {
+            (name, method): (required_role(spec.cls, getattr(spec.cls, method), cls,
+                                           getattr(cls, method)), is_reentrant(cls, method))
+            for name, (spec, cls) in self.hosted.items() for method in spec.methods}
         self.max_in_flight = options.max_in_flight
         self.welcome = Welcome(PROTOCOL_VERSION, options.id, options.zone,
                                dict(options.metadata),
