@@ -409,3 +409,42 @@ async def test_an_error_message_that_cannot_be_encoded_still_fails_its_call(
                 tg.start_soon(counter.add, 1)
         assert await counter.get() == 3
     assert outcomes == [("ValueError", "(the error message could not be encoded)")]
+
+
+class IOrder(forkcore.GrainInterface, name="test.order"):
+    async def stamp(self) -> int: ...
+
+
+class Order(forkcore.Grain, IOrder):
+    """Numbers calls in the order the server runs them (they never wait)."""
+
+    ran = 0
+
+    async def stamp(self) -> int:
+        type(self).ran += 1
+        return type(self).ran
+
+
+async def test_a_long_run_of_calls_lets_other_grains_in(transport: str) -> None:
+    """Calls that never wait, queued on one grain, run in pieces: a call to another grain
+    sent right after them is not held up until every one of them is done (and answers go
+    out while the rest still run)."""
+    Order.ran = 0
+    async with forkcore.Server(id="s1", transport=transport, grains=[Order]) as server:
+        assert server.endpoint
+        async with forkcore.Client(servers=[server.endpoint], transport=transport,
+                                   request_timeout=10.0) as client:
+            busy = client.get_grain(IOrder, "busy")
+            other = client.get_grain(IOrder, "other")
+            stamps: list[int] = []
+
+            async def stamp_other() -> None:
+                stamps.append(await other.stamp())
+
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(400):
+                        tg.start_soon(busy.stamp)
+                    tg.start_soon(stamp_other)
+    assert Order.ran == 401
+    assert stamps[0] < 200, f"the other grain ran only as call {stamps[0]} of 401"
