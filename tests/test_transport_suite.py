@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
 
@@ -409,6 +410,85 @@ async def test_tcp_wire_format_and_coalesced_burst() -> None:
                 while len(received) < len(expected):
                     received += await raw.receive()
             assert bytes(received) == expected
+
+
+async def test_tcp_frames_sent_while_a_large_one_is_still_going_out_stay_in_order() -> None:
+    """tcp writes the first frame of a loop turn at once when the writer task is idle.
+    A frame the kernel takes only part of (the rest waits for the writer) must not be
+    overtaken by, or mixed with, frames sent in later loop turns while it goes out to a
+    reader that keeps up only slowly."""
+    transport = make_transport("tcp")
+    rng = random.Random(7)
+    frames: list[bytes] = []
+    for i in range(8):
+        frames.append(rng.randbytes(rng.randrange(3, 6) * 1024 * 1024))
+        frames.append(b"small-%d" % i)
+    async with serving(transport) as served:
+        async with transport.connect(served.endpoint, timeout=WAIT) as client:
+            server = (await served.accept()).channel
+            got: list[bytes] = []
+
+            async def read_slowly() -> None:
+                with anyio.fail_after(WAIT * 4):
+                    while len(got) < len(frames):
+                        got.append(await server.receive())
+                        await anyio.sleep(0.01)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read_slowly)
+                for body in frames:
+                    client.send(body)
+                    await anyio.sleep(0.002)  # each send in a loop turn of its own
+            assert [len(b) for b in got] == [len(b) for b in frames]
+            assert got == frames
+
+
+class _TrickleStream:
+    """A byte stream that takes at most `take` bytes at once through `try_send`, and
+    whose `send` (the writer task's) waits until `release` is set: what StreamChannel
+    wrote, in order, is in `wire`."""
+
+    def __init__(self, take: int) -> None:
+        self.take = take
+        self.wire = bytearray()
+        self.release = anyio.Event()
+        self.sending = anyio.Event()
+
+    def try_send(self, data: bytes) -> int:
+        taken = data[:self.take]
+        self.wire += taken
+        return len(taken)
+
+    async def send(self, data: bytes) -> None:
+        self.sending.set()
+        await self.release.wait()
+        self.wire += data
+
+    async def receive(self) -> bytes:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_frame_written_in_part_is_not_overtaken() -> None:
+    """StreamChannel writes the first frame of a loop turn at once (`try_send`) when the
+    writer task is idle; the rest of a frame the stream took only in part goes through
+    the writer, and frames sent meanwhile wait behind it instead of cutting in."""
+    from forkcore.transport import HEADER, StreamChannel
+
+    stream = _TrickleStream(take=10)
+    frames = [b"A" * 1000, b"B" * 20, b"C" * 30]
+    with anyio.fail_after(WAIT):
+        async with StreamChannel.open(stream, "fake") as channel:
+            channel.send(frames[0])  # 10 bytes go at once, the rest to the writer
+            await stream.sending.wait()  # the writer is inside send() with the rest
+            channel.send(frames[1])  # a new loop turn, and nothing queued: still waits
+            await anyio.lowlevel.checkpoint()
+            channel.send(frames[2])
+            stream.release.set()
+    assert bytes(stream.wire) == b"".join(HEADER.pack(len(f)) + f for f in frames)
 
 
 async def test_tcp_frames_split_across_writes_are_reassembled() -> None:
