@@ -758,3 +758,36 @@ def test_a_request_with_an_impossible_timeout_is_a_protocol_error(timeout: Any) 
         from_wire(item)
     with pytest.raises(ProtocolError, match="timeout"):
         request_fields(item)
+
+
+_awkward = st.recursive(
+    _hashable | st.datetimes() | st.sets(st.integers(), max_size=3)
+    | st.frozensets(st.integers(), max_size=3) | st.decimals(allow_nan=False, places=2)
+    | st.just(()) | st.just(set()) | st.text(alphabet="a\udc80", max_size=3),
+    lambda inner: st.lists(inner, max_size=4) | st.lists(inner, max_size=3).map(tuple)
+    | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+def _outcome(encode: Callable[[], bytes]) -> bytes | type:
+    try:
+        return encode()
+    except codec.WireTypeError:
+        return codec.WireTypeError
+
+
+@PROPERTY
+@given(_awkward, _awkward)
+def test_the_fast_encoding_path_matches_the_general_one(args: Any, result: Any) -> None:
+    """Whatever the arguments or the result hold (empty tuples and sets included), the
+    path that skips our encoders for plain values gives the bytes of the general path,
+    or the same refusal."""
+    request = [3, 1, "i", "k", "m", [args], {"kw": result}, 1.0]
+    general = _outcome(lambda: codec._encode_general(request))
+    assert _outcome(lambda: codec.encode_if_plain(request, [args], {"kw": result})) \
+        == general
+    assert _outcome(lambda: codec.encode(request)) == general
+    response = [4, 1, result]
+    assert _outcome(lambda: codec.encode_if_plain(response, result)) \
+        == _outcome(lambda: codec._encode_general(response))

@@ -171,20 +171,20 @@ def encode_if_plain(item: Any, *parts: Any) -> bytes:
         if t in _PLAIN_TYPES or ((t is list or t is dict) and not part):
             continue  # the common cases, without a call
         if not _plain(part, 1):
-            return encode(item)
+            return _encode_general(item)
     try:
         return _dumps(item)
     except (cbor2.CBOREncodeError, ValueError, TypeError):
-        return encode(item)  # says what is wrong
+        return _encode_general(item)  # says what is wrong
 
 
 def encode(value: Any) -> bytes:
     """Encode one value (a message body) to CBOR, or raise `WireTypeError`."""
-    if _plain(value, 0):
-        try:
-            return _dumps(value)
-        except (cbor2.CBOREncodeError, ValueError, TypeError):
-            pass  # the general path below reports it
+    return encode_if_plain(value, value)
+
+
+def _encode_general(value: Any) -> bytes:
+    """Encode with our encoders for tuples, datetimes, wire types and refused types."""
     try:
         return cbor2.dumps(value, encoders=_ENCODERS, default=_default)
     except WireTypeError:
