@@ -9,7 +9,9 @@ import selectors
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -70,6 +72,40 @@ class ServeProcess:
             self.proc.stdout.close()
 
 
+def read_ready_line(proc: subprocess.Popen[bytes], deadline: float,
+                    describe: Callable[[], str]) -> tuple[str, re.Match[str]]:
+    """The first line `forkcore serve` prints on stdout and its parse as a ready line;
+    kills the process and fails the test if it does not come by `deadline`, the process
+    exits first, or the line is not a ready line. `describe()` says which server."""
+    assert proc.stdout is not None
+    buffer = b""
+
+    def fail(why: str) -> NoReturn:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        pytest.fail(f"{describe()}\n{why}; stdout so far: {buffer!r}")
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while b"\n" not in buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                fail("no ready line by the deadline")
+            if not sel.select(remaining):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                fail("forkcore serve exited before it was ready")
+            buffer += chunk
+    line = buffer.split(b"\n", 1)[0].decode()
+    match = READY.search(line)
+    if match is None:
+        fail(f"unexpected ready line {line!r}")
+    assert match is not None
+    return line, match
+
+
 def start_server(directory: Path, server_id: str, extra: str = "",
                  timeout: float = 15.0, *, grains: str = '["grains_sample"]',
                  listen: str = "127.0.0.1:0", env: dict[str, str] | None = None,
@@ -84,32 +120,9 @@ def start_server(directory: Path, server_id: str, extra: str = "",
         proc = subprocess.Popen([*CLI, *cli_args, "serve", "-c", str(config)], cwd=directory,
                                 env=cli_env(**(env or {})), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=stderr_file, bufsize=0)
-    assert proc.stdout is not None
-    buffer = b""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while b"\n" not in buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                proc.kill()
-                proc.wait(timeout=10)
-                pytest.fail(f"forkcore serve printed no ready line within {timeout}s; "
-                            f"stdout so far: {buffer!r}\nstderr: {stderr_path.read_text()}")
-            if not sel.select(remaining):
-                continue
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                proc.wait(timeout=10)
-                pytest.fail(f"forkcore serve exited ({proc.returncode}) before it was ready; "
-                            f"stdout: {buffer!r}\nstderr: {stderr_path.read_text()}")
-            buffer += chunk
-    line = buffer.split(b"\n", 1)[0].decode()
-    match = READY.search(line)
-    if match is None:
-        proc.kill()
-        proc.wait(timeout=10)
-        pytest.fail(f"unexpected ready line from forkcore serve: {line!r}")
+    line, match = read_ready_line(
+        proc, time.monotonic() + timeout,
+        lambda: f"forkcore serve ({server_id}); stderr:\n{stderr_path.read_text()}")
     return ServeProcess(proc, match["id"], match["host"], int(match["port"]), line, stderr_path)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import selectors
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from types import ModuleType
 
 import attrs
 import pytest
-from serving import READY, cli_env
+from serving import cli_env, read_ready_line
 
 import forkcore
 from forkcore.plugins import registry
@@ -97,27 +96,8 @@ def start(config: Path) -> Served:
 
 def wait_ready(served: Served, deadline: float) -> None:
     """Read the ready line (`forkcore: serving ID on HOST:PORT (...)`) or fail."""
-    proc = served.proc
-    assert proc.stdout is not None
-    buffer = b""
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while b"\n" not in buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(f"{served.config.name}: no ready line within {READY_TIMEOUT}s; "
-                            f"stdout {buffer!r}; stderr:\n{served.stderr()}")
-            if not sel.select(remaining):
-                continue
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                proc.wait(timeout=10)
-                pytest.fail(f"{served.config.name}: forkcore serve exited ({proc.returncode}) "
-                            f"before it was ready; stderr:\n{served.stderr()}")
-            buffer += chunk
-    line = buffer.split(b"\n", 1)[0].decode()
-    match = READY.search(line)
-    assert match is not None, f"unexpected ready line {line!r}"
+    _line, match = read_ready_line(served.proc, deadline,
+                                   lambda: f"{served.config.name}; stderr:\n{served.stderr()}")
     served.server_id = match["id"]
     served.endpoint = f"{match['host']}:{match['port']}"
 
