@@ -192,7 +192,8 @@ class Engine:
         self._timer_at[session] = when
         heapq.heappush(self._timers, (when, next(self._order), session))
         if len(self._timers) > 4 * len(self._timer_at) + 64:  # drop stale entries
-            self._timers = [t for t in self._timers if self._timer_at.get(t[2]) == t[0]]
+            # in place: the driver holds this very list, so a new one would never fire
+            self._timers[:] = [t for t in self._timers if self._timer_at.get(t[2]) == t[0]]
             heapq.heapify(self._timers)
 
     async def _send(self, data: bytes, addr: Address) -> None:
