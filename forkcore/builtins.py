@@ -8,7 +8,12 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from .grains import Affinity, GrainId, InterfaceInfo
-from .hookspecs import Register, hookimpl
+from .hookspecs import hookimpl
+from .interfaces import (
+    RegisterAffinityPolicy,
+    RegisterConflictResolver,
+    RegisterTransport,
+)
 from .transport import MemoryTransport
 
 log = logging.getLogger("forkcore.resolver")
@@ -73,17 +78,17 @@ def _no_options(cls: type) -> Any:
 
 
 @hookimpl
-def forkcore_register_transports(register: Register) -> None:
+def forkcore_register_transports(register: RegisterTransport) -> None:
     register("memory", MemoryTransport)
 
 
 @hookimpl
-def forkcore_register_conflict_resolvers(register: Register) -> None:
+def forkcore_register_conflict_resolvers(register: RegisterConflictResolver) -> None:
     register("highest_version", _no_options(HighestVersion))
     register("union", _no_options(Union))
     register("strict", _no_options(Strict))
 
 
 @hookimpl
-def forkcore_register_affinity_policies(register: Register) -> None:
+def forkcore_register_affinity_policies(register: RegisterAffinityPolicy) -> None:
     register("none", _no_options(NoAffinity))

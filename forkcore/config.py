@@ -165,6 +165,11 @@ class ClientOptions:
                                   doc="observer plugin names (or, from Python, objects)")
     observer_options: dict[str, Any] = option(factory=dict, types=(dict,),
                                               doc="observer name -> its keyword options")
+    interceptors: list[Any] = option(factory=list, types=(list, tuple),
+                                     doc="interceptor plugin names (or, from Python, "
+                                         "objects), run in order around every outgoing call")
+    interceptor_options: dict[str, Any] = option(factory=dict, types=(dict,),
+                                                 doc="interceptor name -> its keyword options")
     connections_per_server: int = option(1, types=(int,), check=at_least_one,
                                          doc="connections to each server (multi mode)")
     request_timeout: float = option(10.0, types=NUMBER, check=positive,
@@ -223,6 +228,11 @@ class ServerOptions:
     max_activations: int = option(1_000_000, types=(int,), check=at_least_one,
                                   doc="activations at once; the least recently used idle "
                                       "ones are deactivated to make room")
+    interceptors: list[Any] = option(factory=list, types=(list, tuple),
+                                     doc="interceptor plugin names (or, from Python, "
+                                         "objects), run in order around every served call")
+    interceptor_options: dict[str, Any] = option(factory=dict, types=(dict,),
+                                                 doc="interceptor name -> its keyword options")
 
 
 _NESTED: dict[tuple[type, str], type] = {

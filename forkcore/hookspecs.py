@@ -47,3 +47,21 @@ def forkcore_register_observers(register: Register) -> None:
 def forkcore_register_authenticators(register: Register) -> None:
     """Register authenticators: objects with `authenticate(token, peer)` returning a
     `forkcore.Identity` (or an awaitable of one) when the token is valid, else None."""
+
+
+@hookspec
+def forkcore_register_membership(register: Register) -> None:
+    """Register membership providers: objects with `watch()` (client side) and
+    `join(member)` (server side); see `forkcore.interfaces.Membership`."""
+
+
+@hookspec
+def forkcore_register_storage(register: Register) -> None:
+    """Register storage providers: objects with `read`, `write`, `delete` and `scan`
+    (compare-and-set on an etag); see `forkcore.interfaces.Storage`."""
+
+
+@hookspec
+def forkcore_register_interceptors(register: Register) -> None:
+    """Register interceptors: objects with `async intercept(call, proceed)`; see
+    `forkcore.interfaces.Interceptor`."""

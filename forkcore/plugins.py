@@ -10,7 +10,7 @@ import importlib.metadata
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -29,6 +29,9 @@ KINDS: dict[str, str] = {
     "affinity_policy": "forkcore_register_affinity_policies",
     "observer": "forkcore_register_observers",
     "authenticator": "forkcore_register_authenticators",
+    "membership": "forkcore_register_membership",
+    "storage": "forkcore_register_storage",
+    "interceptor": "forkcore_register_interceptors",
 }
 
 # Names we know of that live in distributions which may not be installed.
@@ -41,6 +44,9 @@ KNOWN_DISTRIBUTIONS: dict[tuple[str, str], str] = {
     ("affinity_policy", "sticky"): "forkcore-strategies",
     ("affinity_policy", "zone"): "forkcore-strategies",
     ("observer", "opentelemetry"): "forkcore-opentelemetry",
+    ("interceptor", "opentelemetry"): "forkcore-opentelemetry",
+    ("membership", "etcd"): "forkcore-membership-etcd",
+    ("storage", "redis"): "forkcore-storage-redis",
 }
 
 _lock = threading.Lock()
@@ -169,3 +175,23 @@ def create(kind: str, name: str, options: Mapping[str, Any] | None, where: str,
     except TypeError as exc:
         raise ConfigError(f"{place}: {kind.replace('_', ' ')} {name!r} rejected its options: "
                           f"{exc}") from None
+
+
+def create_interceptors(names: Sequence[Any], options: Mapping[str, Any],
+                       where: str) -> list[Any]:
+    """The interceptor objects for `names` (plugin names, or objects from Python)."""
+    built = []
+    for item in names:
+        if not isinstance(item, str):
+            if not callable(getattr(item, "intercept", None)):
+                raise ConfigError(f"{where} key 'interceptors': {item!r} is neither an "
+                                  "interceptor name nor an object with intercept()")
+            built.append(item)
+            continue
+        extra = options.get(item, {})
+        if not isinstance(extra, Mapping):
+            raise ConfigError(f"{where} key 'interceptor_options': the options of {item!r} "
+                              "must be a table")
+        built.append(create("interceptor", item, extra, where, "interceptors",
+                            "interceptor_options"))
+    return built

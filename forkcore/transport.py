@@ -12,85 +12,22 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .errors import ConfigError, ConnectError, ProtocolError
+from .interfaces import Channel, Handler, Listener, Transport
 from .protocol.framing import DEFAULT_MAX_FRAME_SIZE, HEADER, FrameDecoder
 
 log = logging.getLogger("forkcore.transport")
 
-Handler = Callable[["Channel"], Awaitable[None]]
-
-
-class Channel(Protocol):
-    """One connection, carrying whole frame bodies in both directions.
-
-    `secure` says whether nobody between the two ends can read or alter the frames
-    without the transport noticing:
-
-    - on a client's channel, True only when the transport encrypts and authenticates the
-      bytes (TLS, QUIC) *and* has verified the server's certificate (a CA, a pinned
-      fingerprint, a certificate this process generated). TLS without verification
-      (`insecure`) is False: it may be a man in the middle's TLS;
-    - on a server's channel, True when the transport encrypts and authenticates the
-      bytes (the server cannot know whether the client verified it).
-
-    With a pre-shared key, a client asks for the session to be encrypted by the core
-    unless its channel is secure, and the server encrypts when asked or when its own
-    channel is not secure; the decision is covered by both sides' proofs
-    (docs/security.md, section 4.7). False is always safe: it costs a second encryption
-    at most."""
-
-    peer: str
-    secure: bool
-
-    def send(self, body: bytes, delivery: str = "reliable") -> None:
-        """Queue one frame; it leaves with the other frames of this loop turn.
-
-        Never blocks; raises `ConnectError` once the channel is closed. Callers that may
-        produce faster than the peer reads await `drain()`.
-        """
-
-    async def drain(self) -> None:
-        """Wait until the send buffer is below its high-water mark."""
-
-    async def receive(self) -> bytes:
-        """The next frame body; `ConnectError` when the peer is gone, `ProtocolError`
-        when it broke the framing."""
-
-    async def aclose(self) -> None:
-        """Close now; the reader sees `ConnectError`."""
-
-
-class Listener(Protocol):
-    endpoint: str
-
-    async def serve(self, handler: Handler) -> None:
-        """Accept connections until cancelled, running `handler(channel)` for each.
-
-        An exception in one handler is logged and ends only that connection."""
-
-    def stop_accepting(self) -> None:
-        """Refuse new connections; `serve` returns once the accepted ones have ended."""
-
-
-class Transport(Protocol):
-    name: str
-
-    def connect(
-        self, endpoint: str, *, timeout: float
-    ) -> anyio.abc.AsyncResource | Any:  # an async context manager yielding a Channel
-        ...
-
-    def listen(self, endpoint: str) -> Any:  # an async context manager yielding a Listener
-        ...
-
+__all__ = ["Channel", "Handler", "Listener", "MemoryTransport", "StreamChannel", "Transport",
+           "join_endpoint", "serve_guarded", "split_endpoint"]
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     """`"host:port"` → (host, port), or a `ConfigError` saying what a good one looks like."""

@@ -317,7 +317,7 @@ def sample_messages() -> list[Any]:
         m.Request(2**63 - 1, "i", uuid.UUID(int=1), "m", [], {}, None),
         m.Request(3, "i", b"key", "m", [values[-1]], {}, 0.0),
         m.Response(1, values),
-        m.Failure(1, m.FAIL_REMOTE, "ValueError", "bad"),
+        m.Failure(1, m.FailureKind.REMOTE, "ValueError", "bad"),
         m.OneWay("game.IPlayer", 7, "say", ["hi"], {}),
         m.Ping(1, 0.25),
         m.Pong(1, 0.25),

@@ -13,6 +13,7 @@ import random
 import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 from time import monotonic
 from typing import Any, TypeVar
@@ -22,6 +23,8 @@ import anyio.abc
 
 from ..builtins import NoAffinity
 from ..config import ClientOptions, load_config, options_from_kwargs
+from ..context import check_entries
+from ..context import outgoing as outgoing_context
 from ..errors import (
     ConfigError,
     ConnectError,
@@ -42,8 +45,10 @@ from ..grains import (
     interface_spec,
     known_interface,
 )
+from ..interceptors import CallInfo, run_chain
 from ..observers import Observers
-from ..plugins import create, lookup
+from ..plugins import create, create_interceptors, lookup
+from ..protocol.messages import HEADER_CONTEXT
 from ..security import load_psk
 from ..transport import split_endpoint
 from .connection import ClientConnection, NotSent, ServerRefused
@@ -57,6 +62,7 @@ log = logging.getLogger("forkcore.client")
 T = TypeVar("T", bound=GrainInterface)
 DEFAULT_STRATEGY = "round_robin"
 MAX_ATTEMPTS = 5  # routing attempts per call (the first and at most four resends)
+_CURRENT: Any = object()  # invoke(context=...) not given: the current call context
 
 
 def backoff_delay(attempt: int, initial: float, cap: float) -> float:
@@ -127,6 +133,8 @@ class Client:
         self._policy_routed = getattr(self.affinity_policy, "routed", None)
         self.client_id = options.client_id or uuid.uuid4().hex
         self._observers = Observers(self._build_observers(options, where))
+        self._interceptors = create_interceptors(options.interceptors,
+                                                options.interceptor_options, where)
         self._watch_calls = self._observers.watches_calls
         self._pool = Pool(self.conflict_resolver.resolve, self._observers.server_state_changed)
         self._active: ClientConnection | None = None
@@ -204,7 +212,8 @@ class Client:
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(heartbeat, conn, self.options.health,
-                                  self._unresponsive if self.mode == "single" else None)
+                                  partial(self._unresponsive, conn)
+                                  if self.mode == "single" else None)
                     tg.start_soon(conn.watch_deadlines)
                     await conn.run()
                     tg.cancel_scope.cancel()
@@ -422,12 +431,21 @@ class Client:
                                  method or MethodSpec(method_name), list(args), kwargs)
 
     async def invoke(self, grain_id: GrainId, affinity: Affinity | None, method: MethodSpec,
-                     args: list[Any], kwargs: dict[str, Any]) -> Any:
+                     args: list[Any], kwargs: dict[str, Any],
+                     context: Any = _CURRENT) -> Any:
         """Send one call along the routing pipeline; its result or a typed error.
+
+        The call carries `context` (by default the current `call_context`'s entries),
+        after the client's interceptors, if any, have seen it.
 
         A call that never left the client, or that a server refused without running it,
         goes to the next choice; a call lost in flight is resent only if its method is
         idempotent and the retry budget allows; nothing outlives the call's deadline."""
+        if context is _CURRENT:
+            if self._interceptors:
+                return await self._intercepted(grain_id, affinity, method, args, kwargs)
+            context = outgoing_context()
+        headers = {HEADER_CONTEXT: context} if context else None
         deadline = monotonic() + (method.timeout or self.options.request_timeout)
         for attempt in range(MAX_ATTEMPTS):
             if attempt and self.mode == "single":
@@ -441,7 +459,7 @@ class Client:
             if not method.waits_for_result:
                 try:
                     conn.one_way(grain_id.interface, grain_id.key, method.name, args, kwargs,
-                                 method.delivery)
+                                 method.delivery, headers)
                 except NotSent:
                     continue
                 if self._watch_calls:
@@ -455,7 +473,7 @@ class Client:
             error: BaseException | None = None
             try:
                 rid, pending = conn.start(grain_id.interface, grain_id.key, method.name,
-                                          args, kwargs, deadline)
+                                          args, kwargs, deadline, method.delivery, headers)
                 try:
                     await pending.event.wait()  # the deadline watcher fails it when overdue
                 finally:
@@ -472,6 +490,8 @@ class Client:
                 continue  # refused before running (draining, overloaded): safe too
             except ConnectError as exc:
                 error = exc
+                if getattr(exc, "remote", False):
+                    raise  # raised on the server (by an interceptor), not a lost connection
                 self._failed(state)
                 if method.idempotent and monotonic() < deadline \
                         and self._retry_budget.take():
@@ -498,6 +518,21 @@ class Client:
         raise NoServerAvailable(f"{grain_id}.{method.name}: no server took the call after "
                                 f"{MAX_ATTEMPTS} attempts; servers: " + ", ".join(
                                     f"{v.id} ({v.state})" for v in self.servers))
+
+    async def _intercepted(self, grain_id: GrainId, affinity: Affinity | None,
+                           method: MethodSpec, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """The call through the client's interceptors; the last one's proceed() sends it
+        with the context they left."""
+        current = outgoing_context()
+        info = CallInfo("client", grain_id, method.name, args, kwargs,
+                        dict(current) if current else {})
+
+        async def send() -> Any:
+            check_entries(info.context, "interceptor context")
+            return await self.invoke(grain_id, affinity, method, info.args, info.kwargs,
+                                     dict(info.context) or None)
+
+        return await run_chain(self._interceptors, info, send)
 
     def _failed(self, state: ServerState) -> None:
         if self.mode == "multi":

@@ -16,17 +16,41 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from time import monotonic
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 import anyio
 
+from ..clock import now as clock
 from ..config import HealthOptions
 from ..errors import ConnectError
 
-if TYPE_CHECKING:
-    from .connection import ClientConnection
-    from .pool import ServerState
+
+class Watched(Protocol):
+    """What the heartbeat watches: a client connection (no import: no cycle)."""
+
+    endpoint: str
+    closed: bool
+    last_heard: float
+    responsive: bool
+
+    @property
+    def server_id(self) -> str: ...
+    def ping(self) -> None: ...
+    def set_responsive(self, responsive: bool) -> None: ...
+
+
+class Ejectable(Protocol):
+    """What outlier detection counts on: the pool's state of one server."""
+
+    failures: int
+    ejections: int
+    ejected_until: float
+
+    @property
+    def server_id(self) -> str: ...
+
+
+E = TypeVar("E", bound=Ejectable)
 
 log = logging.getLogger("forkcore.client.health")
 
@@ -41,16 +65,16 @@ def peak_ewma(current: float | None, sample: float, elapsed: float) -> float:
     return current * weight + sample * (1 - weight)
 
 
-async def heartbeat(conn: ClientConnection, options: HealthOptions,
-                    on_unresponsive: Callable[[ClientConnection], None] | None = None) -> None:
+async def heartbeat(conn: Watched, options: HealthOptions,
+                    on_unresponsive: Callable[[], None] | None = None) -> None:
     """Ping every `heartbeat_interval`; mark the connection unresponsive once it has been
     silent for `unhealthy_after` intervals, responsive again when it speaks."""
     interval = options.heartbeat_interval
     limit = options.unhealthy_after * interval
     tick = min(interval / 4, 0.25)
-    next_ping = monotonic()  # the connection's clock (ClientConnection.last_heard)
+    next_ping = clock()  # the connection's clock (ClientConnection.last_heard)
     while not conn.closed:
-        now = monotonic()
+        now = clock()
         if now >= next_ping:
             try:
                 conn.ping()
@@ -65,36 +89,36 @@ async def heartbeat(conn: ClientConnection, options: HealthOptions,
                             conn.server_id, conn.endpoint, now - conn.last_heard,
                             options.unhealthy_after)
                 if on_unresponsive is not None:
-                    on_unresponsive(conn)
+                    on_unresponsive()
         await anyio.sleep(tick)
 
 
-class Ejector:
+class Ejector(Generic[E]):
     """Outlier detection: eject a server after `eject_after` consecutive call failures
     for `ejection_time` * (times ejected), at most `max_ejection_time`, while no more
     than `max_ejected_share` of the servers are ejected."""
 
-    def __init__(self, options: HealthOptions, schedule: Callable[[ServerState, float], None]):
+    def __init__(self, options: HealthOptions, schedule: Callable[[E, float], None]):
         self.options = options
         self._schedule = schedule
 
-    def success(self, state: ServerState) -> None:
+    def success(self, state: E) -> None:
         state.failures = 0
 
-    def failure(self, state: ServerState, total_servers: int, ejected_now: int) -> bool:
+    def failure(self, state: E, total_servers: int, ejected_now: int) -> bool:
         """Count one failed call; True if the server was ejected by it."""
         state.failures += 1
         opts = self.options
-        if state.failures < opts.eject_after or state.ejected_until > anyio.current_time():
+        if state.failures < opts.eject_after or state.ejected_until > clock():
             return False
         if (ejected_now + 1) > max(1, math.floor(opts.max_ejected_share * total_servers)):
             return False
         state.ejections += 1
         duration = min(opts.ejection_time * state.ejections, opts.max_ejection_time)
-        state.ejected_until = anyio.current_time() + duration
+        state.ejected_until = clock() + duration
         state.failures = 0
         log.warning("server %s ejected for %.1fs after %d consecutive failed calls",
-                    state.view.id, duration, opts.eject_after)
+                    state.server_id, duration, opts.eject_after)
         self._schedule(state, duration)
         return True
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Mapping
 
-import anyio
-
+from ..clock import now as clock
 from ..errors import NoServerAvailable
 from ..grains import InterfaceInfo
 from .connection import ClientConnection
@@ -36,6 +35,10 @@ class ServerState:
         self.failures = 0  # consecutive failed calls
         self.ejections = 0  # times ejected so far (the next ejection is longer)
         self.ejected_until = 0.0
+
+    @property
+    def server_id(self) -> str:
+        return self.view.id
 
     def open_connections(self) -> list[ClientConnection]:
         return [c for c in self.connections if not c.closed]
@@ -124,7 +127,7 @@ class Pool:
             view.last_error = "stopped answering heartbeats"
         elif any(c.draining for c in open_conns):
             new_state = "draining"
-        elif state.ejected_until > anyio.current_time():
+        elif state.ejected_until > clock():
             new_state = "ejected"
         else:
             new_state = "healthy"

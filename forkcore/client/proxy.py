@@ -3,12 +3,17 @@ whose methods forward to the client with the method's options already resolved."
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import Any, Protocol
 
 from ..grains import Affinity, GrainId, InterfaceSpec, MethodSpec
 
-if TYPE_CHECKING:
-    from .client import Client
+
+class Invoker(Protocol):
+    """What a proxy calls: the client (named by what it does, so no import cycle)."""
+
+    def invoke(self, grain_id: GrainId, affinity: Affinity | None, method: MethodSpec,
+               args: list[Any], kwargs: dict[str, Any]) -> Awaitable[Any]: ...
 
 
 class GrainRef:
@@ -16,7 +21,7 @@ class GrainRef:
 
     __slots__ = ("affinity", "client", "grain_id")
 
-    def __init__(self, client: Client, grain_id: GrainId, affinity: Affinity | None) -> None:
+    def __init__(self, client: Invoker, grain_id: GrainId, affinity: Affinity | None) -> None:
         self.client = client
         self.grain_id = grain_id
         self.affinity = affinity

@@ -73,12 +73,18 @@ class ProtocolConnection:
         return body if cipher is None else cipher.seal(body)
 
     def encode_request(self, rid: int, interface: str, key: Any, method: str,
-                       args: list[Any], kwargs: dict[str, Any], timeout: float) -> bytes:
+                       args: list[Any], kwargs: dict[str, Any], timeout: float,
+                       headers: dict[str, Any] | None = None) -> bytes:
         """The frame body of a Request on an open connection: the hot path, without a
-        message object built only to be taken apart. Only the arguments can hold values
-        of any type, so only they are checked for types that need our encoders."""
-        body = codec.encode_if_plain([REQUEST, rid, interface, key, method, args, kwargs,
-                                      timeout], args, kwargs)
+        message object built only to be taken apart. Only the arguments (and headers)
+        can hold values of any type, so only they are checked for types that need our
+        encoders. Without headers the array has no ninth element."""
+        if headers:
+            body = codec.encode_if_plain([REQUEST, rid, interface, key, method, args, kwargs,
+                                          timeout, headers], args, kwargs, headers)
+        else:
+            body = codec.encode_if_plain([REQUEST, rid, interface, key, method, args,
+                                          kwargs, timeout], args, kwargs)
         cipher = self.cipher
         return body if cipher is None else cipher.seal(body)
 

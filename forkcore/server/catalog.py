@@ -15,7 +15,7 @@ import logging
 import math
 import sys
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from time import monotonic
 from typing import Any
 
@@ -23,7 +23,10 @@ import anyio
 import anyio.abc
 from anyio.lowlevel import checkpoint
 
+from ..context import enter_served, leave_served
+from ..errors import ForkcoreError, MethodNotFound, RemoteError, RequestTimeout, Unauthorized
 from ..grains import Grain, GrainId, InterfaceSpec, Key
+from ..interceptors import CallInfo, run_chain
 from ..security import ANONYMOUS, Identity, reset_caller, set_caller
 from .workers import WorkerPool
 
@@ -61,18 +64,41 @@ def activation_slot(interface: str, key: Key) -> tuple[Any, ...]:
     return (interface, "uuid", key.bytes)  # type: ignore[union-attr]
 
 
+class InterceptorError(Exception):
+    """A `forkcore.errors` exception an interceptor raised: the caller gets its type."""
+
+    def __init__(self, error: ForkcoreError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def failure_of(exc: BaseException) -> tuple[str, str, str]:
+    """(failure kind, type name, message) of an exception that ended a call."""
+    if type(exc) is InterceptorError:
+        error = exc.error
+        if isinstance(error, RemoteError):
+            return ("remote", error.type_name, error.message)
+        kind = ("unauthorized" if isinstance(error, Unauthorized) else
+                "timeout" if isinstance(error, RequestTimeout) else
+                "method_not_found" if isinstance(error, MethodNotFound) else "error")
+        return (kind, type(error).__name__, str(error))
+    return ("remote", type(exc).__name__, str(exc))
+
+
 class Call:
     """One call waiting for or running on an activation. `reply` is None for a one-way
     call; `done`, if given, is called once the call has left the catalog (run, failed or
     cancelled)."""
 
-    __slots__ = ("args", "caller", "cancelled", "deadline", "done", "expired", "kwargs",
-                 "method", "reply", "scope")
+    __slots__ = ("args", "caller", "cancelled", "context", "deadline", "done", "expired",
+                 "kwargs", "method", "reply", "scope")
 
     def __init__(self, method: str, args: list[Any], kwargs: dict[str, Any], deadline: float,
                  reply: Reply | None, caller: Identity = ANONYMOUS,
-                 done: Callable[[], None] | None = None) -> None:
+                 done: Callable[[], None] | None = None,
+                 context: dict[str, Any] | None = None) -> None:
         self.caller = caller
+        self.context = context  # the call context entries it carries (None: none)
         self.method = method
         self.args = args
         self.kwargs = kwargs
@@ -113,8 +139,10 @@ class Catalog:
     """Activations of the grains one server hosts, and the tasks that run their calls."""
 
     def __init__(self, hosted: Mapping[str, tuple[InterfaceSpec, type[Grain]]],
-                 task_group: anyio.abc.TaskGroup, max_activations: int = 1_000_000) -> None:
+                 task_group: anyio.abc.TaskGroup, max_activations: int = 1_000_000,
+                 interceptors: Sequence[Any] = ()) -> None:
         self.hosted = hosted
+        self.interceptors = list(interceptors)
         self._tg = task_group
         self._workers = WorkerPool(task_group)
         # fixed per (interface, method): looked up once here, not on every call
@@ -240,6 +268,9 @@ class Catalog:
         running = self._running
         first_token = None
         caller = None
+        context: dict[str, Any] | None = None
+        first_context_token = None
+        intercepted = bool(self.interceptors)
         try:
             while calls:
                 if error is not None:
@@ -270,6 +301,10 @@ class Catalog:
                                 caller = call.caller  # forkcore.current_caller()
                                 token = set_caller(caller)
                                 first_token = first_token or token
+                            if call.context is not context:
+                                context = call.context  # forkcore.current_context()
+                                token = enter_served(context)
+                                first_context_token = first_context_token or token
                             timed = deadline != math.inf
                             if timed:
                                 if not running:
@@ -277,12 +312,15 @@ class Catalog:
                                 running[call] = scope
                             call.scope = scope
                             try:
-                                result = await getattr(act.grain, call.method)(
-                                    *call.args, **call.kwargs)
+                                if intercepted:
+                                    result = await self._intercepted(act, call)
+                                else:
+                                    result = await getattr(act.grain, call.method)(
+                                        *call.args, **call.kwargs)
                             except Exception as exc:
                                 reply, call.reply = call.reply, None
                                 if reply is not None:
-                                    reply(False, ("remote", type(exc).__name__, str(exc)))
+                                    reply(False, failure_of(exc))
                                 else:
                                     log.warning("one-way call %s.%s failed: %s: %s",
                                                 act.grain_id, call.method,
@@ -305,8 +343,32 @@ class Catalog:
                                 call.done()
                 self._answer_expired(call)
         finally:
+            if first_context_token is not None:
+                leave_served(first_context_token)
             if first_token is not None:
                 reset_caller(first_token)
+
+    async def _intercepted(self, act: Activation, call: Call) -> Any:
+        """Run `call` through the server's interceptors, then the grain. What the grain
+        raises goes on as it is (the caller gets RemoteError); a `forkcore.errors`
+        exception of an interceptor's own is marked to reach the caller as its type."""
+        info = CallInfo("server", act.grain_id, call.method, call.args, call.kwargs,
+                        dict(call.context) if call.context else {}, call.caller)
+        from_grain: list[BaseException] = []
+
+        async def run_grain() -> Any:
+            try:
+                return await getattr(act.grain, call.method)(*info.args, **info.kwargs)
+            except Exception as exc:
+                from_grain.append(exc)
+                raise
+
+        try:
+            return await run_chain(self.interceptors, info, run_grain)
+        except ForkcoreError as exc:
+            if exc in from_grain:
+                raise
+            raise InterceptorError(exc) from exc
 
     def _answer_expired(self, call: Call) -> None:
         """Answer a call whose work the watcher cancelled at its deadline."""

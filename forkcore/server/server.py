@@ -1,373 +1,34 @@
-"""`forkcore.Server`: hosts grains, accepts connections, dispatches calls to the catalog."""
+"""`forkcore.Server`: its life cycle (listen, serve, drain, stop) and its counters.
+
+What it hosts is `hosting`, how one call is admitted is `dispatch`, one accepted
+connection is `connection`, and the activations are the `catalog`."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
 import math
-import types
 from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
-from time import monotonic
 from typing import Any
 
 import anyio
 import anyio.abc
 
+from ..clock import now as clock
 from ..config import ServerOptions, load_config, options_from_kwargs
-from ..errors import ConfigError, ConnectError, ForkcoreError, ProtocolError, Unauthorized
-from ..grains import Grain, InterfaceSpec, Key, is_reentrant
-from ..plugins import create
+from ..errors import ConfigError, ForkcoreError
+from ..plugins import create, create_interceptors
 from ..protocol import codec
-from ..protocol.connection import ProtocolConnection
-from ..protocol.messages import (
-    FAIL_NOT_FOUND,
-    FAIL_UNAUTHORIZED,
-    FAIL_UNAVAILABLE,
-    PROTOCOL_VERSION,
-    REQUEST,
-    AuthChallenge,
-    AuthProof,
-    Cancel,
-    Failure,
-    Goodbye,
-    Hello,
-    OneWay,
-    Ping,
-    Pong,
-    Stats,
-    StatsRequest,
-    Welcome,
-    from_wire,
-    request_fields,
-)
-from ..security import (
-    ANONYMOUS,
-    NONCE_SIZE,
-    Identity,
-    Role,
-    SessionCipher,
-    load_psk,
-    new_nonce,
-    proof,
-    proofs_match,
-    required_role,
-)
+from ..protocol.messages import PROTOCOL_VERSION, Welcome
+from ..protocol.session import Handler, ServerSession
+from ..security import Role, load_psk
 from ..transport import Channel, StreamChannel
-from .catalog import Call, Catalog
+from .catalog import Catalog
+from .connection import ServerConnection
+from .hosting import Targets, find_grain_classes, host_table
 
 log = logging.getLogger("forkcore.server")
-
-MAX_ERROR_MESSAGE = 8192  # characters of a grain exception's message sent to the caller
-
-
-def find_grain_classes(grains: Iterable[Any]) -> list[type[Grain]]:
-    """Grain classes from a mix of classes and module names (or modules)."""
-    found: list[type[Grain]] = []
-    for item in grains:
-        if isinstance(item, type):
-            if not issubclass(item, Grain) or not item.__forkcore_interfaces__:
-                raise ConfigError(f"grains: {item.__qualname__} is not a Grain implementing a "
-                                  "GrainInterface")
-            found.append(item)
-            continue
-        module = item if isinstance(item, types.ModuleType) else _import(item)
-        classes = [obj for obj in vars(module).values()
-                   if isinstance(obj, type) and issubclass(obj, Grain)
-                   and obj.__module__ == module.__name__ and obj.__forkcore_interfaces__
-                   and not inspect.isabstract(obj)]
-        if not classes:
-            raise ConfigError(f"grains: module {module.__name__!r} defines no Grain class "
-                              "implementing a GrainInterface")
-        found.extend(classes)
-    return list(dict.fromkeys(found))
-
-
-def _import(name: Any) -> types.ModuleType:
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"grains: {name!r} is neither a module name nor a Grain class")
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise ConfigError(f"grains: cannot import module {name!r}: {exc}; is it installed or on "
-                          "PYTHONPATH (run from the directory that contains it)?") from None
-
-
-def host_table(classes: Iterable[type[Grain]]) -> dict[str, tuple[InterfaceSpec, type[Grain]]]:
-    """interface wire name → (spec, implementing class), checked for gaps and clashes."""
-    hosted: dict[str, tuple[InterfaceSpec, type[Grain]]] = {}
-    for cls in classes:
-        for spec in cls.__forkcore_interfaces__:
-            if spec.name in hosted and hosted[spec.name][1] is not cls:
-                other = hosted[spec.name][1]
-                raise ConfigError(f"interface {spec.name!r} is implemented by both "
-                                  f"{other.__qualname__} and {cls.__qualname__}; host one")
-            for method in spec.methods:
-                impl = getattr(cls, method, None)
-                if impl is None or impl is getattr(spec.cls, method):
-                    raise ConfigError(f"{cls.__qualname__} does not implement {spec.name}."
-                                      f"{method}")
-            hosted[spec.name] = (spec, cls)
-    return hosted
-
-
-class ServerConnection:
-    """One accepted client connection: handshake, then requests until it closes."""
-
-    __slots__ = ("calls", "channel", "client_id", "dropped", "dropped_logged_at", "identity",
-                 "one_ways", "proto", "scope", "server")
-
-    def __init__(self, server: Server, channel: Channel) -> None:
-        self.server = server
-        self.channel = channel
-        self.proto = ProtocolConnection("server", max_depth=server.options.max_depth)
-        self.calls: dict[int, Call] = {}
-        # one-way calls queued or running; with `calls`, counted against max_in_flight
-        self.one_ways = 0
-        self.dropped = 0  # one-way calls dropped since the last warning about it
-        self.dropped_logged_at = -math.inf
-        self.client_id = "?"
-        self.identity = ANONYMOUS
-        self.scope = anyio.CancelScope()
-
-    def send(self, msg: Any) -> None:
-        try:
-            body = self.proto.encode(msg)
-        except ProtocolError:
-            return  # the connection is closed already
-        except codec.WireTypeError:
-            if not isinstance(msg, Failure):
-                raise
-            # a grain's error message that cannot be encoded (say, lone surrogates):
-            # the caller still gets its failure
-            body = self.proto.encode(Failure(msg.id, msg.kind, msg.type_name,
-                                             "(the error message could not be encoded)"))
-        try:
-            self.channel.send(body)
-        except ConnectError:
-            pass
-
-    def reply_for(self, request_id: int) -> Any:
-        calls = self.calls
-        encode_response = self.proto.encode_response
-        channel = self.channel
-
-        def reply(ok: bool, value: Any) -> None:
-            calls.pop(request_id, None)
-            if ok:
-                try:
-                    body = encode_response(request_id, value)
-                except codec.WireTypeError as exc:
-                    self.send(Failure(request_id, "remote", "WireTypeError", str(exc)))
-                    return
-                try:
-                    channel.send(body)
-                except ConnectError:
-                    pass
-            else:
-                kind, type_name, message = value
-                if len(message) > MAX_ERROR_MESSAGE:
-                    message = message[:MAX_ERROR_MESSAGE] + " [truncated]"
-                self.send(Failure(request_id, kind, type_name[:256], message))
-
-        return reply
-
-    async def run(self) -> None:
-        server = self.server
-        peer = self.channel.peer
-        with self.scope:
-            try:
-                with anyio.fail_after(server.options.handshake_timeout):
-                    hello = self.proto.decode(await self.channel.receive())
-                    if not isinstance(hello, Hello):
-                        return  # a Goodbye before anything else
-                    self.client_id = hello.client_id
-                    try:
-                        self.identity = await self.authenticate(hello)
-                    except Unauthorized as exc:
-                        server.refused(peer, str(exc))
-                        self.send(Goodbye(f"unauthorized: {exc}"))
-                        with anyio.move_on_after(0.5):
-                            await self.channel.drain()
-                        return
-                self.send(server.welcome)
-                if server.draining:
-                    self.send(Goodbye("draining"))
-                receive = self.channel.receive
-                decode_item = self.proto.decode_item
-                request = self.request
-                while True:
-                    item = decode_item(await receive())
-                    code = item[0]
-                    if code == REQUEST and type(code) is int:
-                        request(*request_fields(item))  # the hot path, without a Request
-                    else:
-                        self.handle(from_wire(item))
-            except TimeoutError:
-                log.info("closing connection from %s: no handshake within %gs", peer,
-                         server.options.handshake_timeout)
-            except ProtocolError as exc:
-                log.warning("closing connection from %s: %s", peer, exc)
-                with anyio.move_on_after(0.5):
-                    self.send(Goodbye(f"protocol error: {exc}"))
-                    try:
-                        await self.channel.drain()
-                    except ConnectError:
-                        pass
-            except ConnectError:
-                pass
-            finally:
-                # nobody is left to receive their results: stop the work (bounded work
-                # per connection, even against a client that reconnects in a loop)
-                for call in list(self.calls.values()):
-                    call.cancel()
-                self.calls.clear()
-
-    async def authenticate(self, hello: Hello) -> Identity:
-        """The connection's identity from its Hello (and, with a pre-shared key, one more
-        round trip); `Unauthorized` with the reason when it may not connect."""
-        server = self.server
-        auth = hello.auth or {}
-        identity = ANONYMOUS
-        key = server.psk
-        if key is not None:
-            client_nonce = auth.get("nonce")
-            name = auth.get("identity", "client")
-            if auth.get("method") != "psk" or not isinstance(client_nonce, bytes) \
-                    or len(client_nonce) != NONCE_SIZE or not isinstance(name, str):
-                raise Unauthorized("this server requires the cluster's pre-shared key: set "
-                                   "psk or psk_file in [client.security]")
-            wanted = auth.get("encrypt")
-            if not isinstance(wanted, bool):
-                raise Unauthorized("the client did not say whether it wants the session "
-                                   "encrypted (Hello auth 'encrypt'): upgrade the client")
-            # the client wants encryption unless its channel is encrypted and the server
-            # verified; encrypt also when this side's channel does not encrypt at all
-            encrypt = wanted or not getattr(self.channel, "secure", False)
-            server_nonce = new_nonce()
-            self.send(AuthChallenge(server_nonce,
-                                    proof(key, "server", client_nonce, server_nonce, name,
-                                          wanted=wanted, encrypted=encrypt), encrypt))
-            answer = self.proto.decode(await self.channel.receive())
-            if not isinstance(answer, AuthProof) or not proofs_match(
-                    proof(key, "client", client_nonce, server_nonce, name, wanted=wanted,
-                          encrypted=encrypt), answer.proof):
-                raise Unauthorized("wrong pre-shared key")
-            if encrypt:
-                self.proto.cipher = SessionCipher(key, client_nonce, server_nonce, "server")
-            identity = Identity(name[:128], server.psk_role, "psk")
-        token = auth.get("token")
-        if token is not None and server.authenticator is not None:
-            if not isinstance(token, str) or len(token) > 8192:
-                raise Unauthorized("the token must be a string of at most 8192 characters")
-            try:
-                result = server.authenticator.authenticate(token, self.channel.peer)
-                if inspect.isawaitable(result):
-                    result = await result
-            except Exception as exc:
-                log.error("authenticator %r failed on a token from %s: %s: %s",
-                          server.options.security.authenticator, self.channel.peer,
-                          type(exc).__name__, exc)
-                raise Unauthorized("the token could not be checked") from None
-            if not isinstance(result, Identity):
-                raise Unauthorized("the token was not accepted")
-            identity = result
-        if not identity.authenticated and not server.allow_anonymous:
-            raise Unauthorized("this server requires authentication (a pre-shared key or a "
-                               "token in [client.security])")
-        return identity
-
-    def handle(self, msg: Any) -> None:
-        t = type(msg)  # (requests take the hot path in `run`, never this one)
-        if t is OneWay:
-            self.one_way(msg)
-        elif t is Ping:
-            self.send(Pong(msg.nonce, msg.sent_at))
-        elif t is Cancel:
-            call = self.calls.pop(msg.id, None)
-            if call is not None:
-                call.cancel()
-        elif t is Goodbye:
-            self.scope.cancel()
-        elif t is StatsRequest:
-            self.send(Stats(msg.nonce, self.server.stats()))
-        elif t is Pong:
-            pass
-        else:
-            raise ProtocolError(f"unexpected {t.__name__} from a client")
-
-    def request(self, rid: int, interface: str, key: Key, method: str, args: list[Any],
-                kwargs: dict[str, Any], timeout: float | None) -> None:
-        server = self.server
-        calls = self.calls
-        if rid in calls:
-            raise ProtocolError(f"request id {rid} is already in flight")
-        target = server.targets.get((interface, method))
-        if target is None:
-            self.send(Failure(rid, FAIL_NOT_FOUND, "MethodNotFound",
-                              server.check_target(interface, method) or "not hosted"))
-            return
-        required, reentrant = target
-        identity = self.identity
-        if required > identity.role:
-            self.send(Failure(rid, FAIL_UNAUTHORIZED, "Unauthorized",
-                              f"{interface}.{method} requires role "
-                              f"'{required.name.lower()}'; this connection is "
-                              f"'{identity.role.name.lower()}' ({identity.name})"))
-            return
-        if server.draining:
-            self.send(Failure(rid, FAIL_UNAVAILABLE, "ServerDraining",
-                              f"server {server.id} is shutting down; call another server"))
-            return
-        if len(calls) + self.one_ways >= server.max_in_flight:
-            self.send(Failure(rid, FAIL_UNAVAILABLE, "TooManyCalls",
-                              f"more than {server.max_in_flight} calls in flight on "
-                              "one connection; wait for some to finish"))
-            return
-        deadline = math.inf if timeout is None else monotonic() + timeout
-        call = Call(method, args, kwargs, deadline, self.reply_for(rid), identity)
-        calls[rid] = call
-        server.catalog.submit(interface, key, call, reentrant)
-
-    def one_way(self, msg: OneWay) -> None:
-        server = self.server
-        target = server.targets.get((msg.interface, msg.method))
-        if target is None:
-            log.warning("one-way call from %s dropped: %s", self.channel.peer,
-                        server.check_target(msg.interface, msg.method))
-            return
-        required, reentrant = target
-        if server.draining or required > self.identity.role:
-            return
-        if len(self.calls) + self.one_ways >= server.max_in_flight:
-            self.drop_one_way(msg)
-            return
-        self.one_ways += 1
-        server.catalog.submit(msg.interface, msg.key,
-                              Call(msg.method, msg.args, msg.kwargs, math.inf, None,
-                                   self.identity, self.one_way_done), reentrant)
-
-    def one_way_done(self) -> None:
-        self.one_ways -= 1
-
-    def drop_one_way(self, msg: OneWay) -> None:
-        """A one-way call beyond max_in_flight has no reply to refuse it with: drop it,
-        count it, and say so in the log at most once a minute per connection."""
-        server = self.server
-        server.one_way_dropped += 1
-        self.dropped += 1
-        now = anyio.current_time()
-        if now - self.dropped_logged_at >= 60.0:
-            log.warning("server %s dropped %d one-way call(s) from %s (%s), the last one "
-                        "%s.%s: the connection already has %d calls queued or running "
-                        "(max_in_flight); the client sends one-way calls faster than the "
-                        "grains run them", server.id, self.dropped, self.channel.peer,
-                        self.client_id, msg.interface, msg.method,
-                        len(self.calls) + self.one_ways)
-            self.dropped_logged_at = now
-            self.dropped = 0
 
 
 class Server:
@@ -400,7 +61,7 @@ class Server:
 
     def _init(self, options: ServerOptions, where: str) -> None:
         sec = options.security
-        self.psk = load_psk(sec.psk, sec.psk_file, f"{where}.security")
+        self._psk = load_psk(sec.psk, sec.psk_file, f"{where}.security")
         self.psk_role = Role.parse(sec.psk_role, f"{where}.security key 'psk_role'")
         self.allow_anonymous = sec.allow_anonymous
         self.authenticator = None if sec.authenticator is None else create(
@@ -414,11 +75,9 @@ class Server:
         self.transport = create("transport", options.transport, options.transport_options,
                                 where, "transport", "transport_options")
         self.hosted = host_table(find_grain_classes(options.grains))
-        # (interface, method) → (required role, reentrant): one lookup per call
-        self.targets: dict[tuple[str, str], tuple[Role, bool]] = {
-            (name, method): (required_role(spec.cls, getattr(spec.cls, method), cls,
-                                           getattr(cls, method)), is_reentrant(cls, method))
-            for name, (spec, cls) in self.hosted.items() for method in spec.methods}
+        self.targets = Targets(options.id, self.hosted)
+        self.interceptors = create_interceptors(options.interceptors,
+                                               options.interceptor_options, where)
         self.max_in_flight = options.max_in_flight
         self.welcome = Welcome(PROTOCOL_VERSION, options.id, options.zone,
                                dict(options.metadata),
@@ -432,10 +91,18 @@ class Server:
         self._connections: set[ServerConnection] = set()
         self._stack: AsyncExitStack | None = None
 
+    def session_for(self, channel: Channel, handler: Handler) -> ServerSession:
+        """The protocol session of a new connection (it holds the key; nothing else
+        outside the server does)."""
+        return ServerSession(channel.peer, handler, welcome=self.welcome, psk=self._psk,
+                             psk_role=self.psk_role, allow_anonymous=self.allow_anonymous,
+                             channel_secure=getattr(channel, "secure", False),
+                             max_depth=self.options.max_depth)
+
     def refused(self, peer: str, reason: str) -> None:
         """Log a refused connection once per peer address (and again after a minute)."""
         host = peer.rsplit(":", 1)[0]
-        now = anyio.current_time()
+        now = clock()
         if now - self._refusals.get(host, -math.inf) >= 60.0:
             self._refusals[host] = now
             if len(self._refusals) > 10_000:
@@ -444,15 +111,9 @@ class Server:
 
     def check_target(self, interface: str, method: str) -> str | None:
         """Why (interface, method) cannot be called here, or None."""
-        entry = self.hosted.get(interface)
-        if entry is None:
-            hosted = ", ".join(sorted(self.hosted)) or "none"
-            return (f"server {self.id} hosts no interface {interface!r} (it hosts: {hosted}); "
-                    "check the interface name and the server's grains")
-        if method not in entry[0].methods:
-            return (f"interface {interface!r} has no method {method!r} (methods: "
-                    f"{', '.join(sorted(entry[0].methods))})")
-        return None
+        if self.targets.get((interface, method)) is not None:
+            return None
+        return self.targets.explain(interface, method)
 
     @property
     def interfaces(self) -> list[str]:
@@ -464,7 +125,7 @@ class Server:
         return {"calls": catalog.calls_total, "in_flight": catalog.running_calls,
                 "activations": len(catalog.activations),
                 "connections": len(self._connections),
-                "uptime": anyio.current_time() - self._started_at,
+                "uptime": clock() - self._started_at,
                 "draining": self.draining, "one_way_dropped": self.one_way_dropped}
 
     @property
@@ -484,9 +145,10 @@ class Server:
                 self.transport.listen(self.options.listen))
             self.endpoint = self._listener.endpoint
             self._tg = await stack.enter_async_context(anyio.create_task_group())
-            self.catalog = Catalog(self.hosted, self._tg, self.options.max_activations)
+            self.catalog = Catalog(self.hosted, self._tg, self.options.max_activations,
+                                   self.interceptors)
             self._stop = anyio.Event()
-            self._started_at = anyio.current_time()
+            self._started_at = clock()
             self._served = anyio.Event()
             self._tg.start_soon(self._serve_connections)
             self._tg.start_soon(self._collect_loop)
@@ -516,7 +178,7 @@ class Server:
         self._stop.set()
         self._listener.stop_accepting()
         for conn in list(self._connections):
-            conn.send(Goodbye("draining"))
+            conn.goodbye("draining")
         timeout = self.options.drain_timeout
         with anyio.move_on_after(timeout) as scope:
             await self.catalog.wait_idle()

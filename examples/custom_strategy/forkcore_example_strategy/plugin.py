@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import forkcore
+from forkcore.interfaces import RegisterStrategy
 
 from .strategy import NAME, weighted_rendezvous
 
-# register(name, factory): forkcore calls factory(**strategy_options) for each client
-Register = Callable[[str, Callable[..., Any]], None]
 
-
+# register(name, factory): forkcore calls factory(**strategy_options) for each client;
+# mypy checks that what the factory returns is a forkcore.interfaces.Strategy
 @forkcore.hookimpl
-def forkcore_register_strategies(register: Register) -> None:
+def forkcore_register_strategies(register: RegisterStrategy) -> None:
     register(NAME, weighted_rendezvous)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from forkcore import hookimpl
-from forkcore.hookspecs import Register
+from forkcore.interfaces import RegisterObserver
 
 from .observer import opentelemetry_observer
 
 
 @hookimpl
-def forkcore_register_observers(register: Register) -> None:
+def forkcore_register_observers(register: RegisterObserver) -> None:
     register("opentelemetry", opentelemetry_observer)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from forkcore import hookimpl
-from forkcore.hookspecs import Register
+from forkcore.interfaces import RegisterTransport
 
 from .transport import TcpTransport
 
 
 @hookimpl
-def forkcore_register_transports(register: Register) -> None:
+def forkcore_register_transports(register: RegisterTransport) -> None:
     register("tcp", TcpTransport)
