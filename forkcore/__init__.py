@@ -1,9 +1,10 @@
 """forkcore: virtual-actor (grain) RPC in which one client talks to many servers."""
 
-from . import errors
+from . import errors, interfaces
 from .client.client import Client
 from .client.views import ServerView
 from .config import Config, load_config
+from .context import call_context, current_context
 from .grains import (
     Affinity,
     AffinityMode,
@@ -15,6 +16,7 @@ from .grains import (
     rpc,
 )
 from .hookspecs import hookimpl
+from .interceptors import CallInfo
 from .protocol.codec import WireTypeError, wire_type
 from .security import Identity, Role, current_caller, requires_role
 from .server.server import Server
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Affinity",
     "AffinityMode",
+    "CallInfo",
     "Client",
     "Config",
     "Grain",
@@ -35,9 +38,12 @@ __all__ = [
     "Server",
     "ServerView",
     "WireTypeError",
+    "call_context",
+    "current_context",
     "current_caller",
     "errors",
     "hookimpl",
+    "interfaces",
     "load_config",
     "reentrant",
     "requires_role",
