@@ -114,7 +114,11 @@ def host_table(classes: Iterable[type[Grain]]) -> dict[str, tuple[InterfaceSpec,
 
 
 class ServerConnection:
-    """One accepted client connection: handshake, then requests until it closes."""
+    """One accepted client connection: handshake, then requests until it closes.
+
+    It reads the next request only once the channel's unsent answers are below its
+    high-water mark, so what a client that stops reading can make it hold is that mark
+    plus the answers of the calls already admitted (at most `max_in_flight`)."""
 
     __slots__ = ("calls", "channel", "client_id", "dropped", "dropped_logged_at", "identity",
                  "one_ways", "proto", "scope", "server")
@@ -196,9 +200,14 @@ class ServerConnection:
                 if server.draining:
                     self.send(Goodbye("draining"))
                 receive = self.channel.receive
+                drain = self.channel.drain
                 decode_item = self.proto.decode_item
                 request = self.request
                 while True:
+                    # backpressure: while the client leaves our answers unread, read no
+                    # more of its requests (drain returns at once unless backlogged), so
+                    # TCP blocks the sender instead of our memory growing
+                    await drain()
                     item = decode_item(await receive())
                     code = item[0]
                     if code == REQUEST and type(code) is int:
