@@ -68,6 +68,9 @@ class Channel(Protocol):
 
     peer: str
     secure: bool
+    # `time.monotonic()` when bytes last arrived from the peer, even part of a frame: a
+    # large message still arriving proves the peer alive (the client's heartbeat reads it)
+    received_at: float
 
     def send(self, body: bytes, delivery: str = "reliable") -> None:
         """Queue one frame; it leaves with the other frames of this loop turn.
@@ -77,7 +80,8 @@ class Channel(Protocol):
         """
 
     async def drain(self) -> None:
-        """Wait until the send buffer is below its high-water mark."""
+        """Wait until the send buffer is below its high-water mark (returns at once,
+        without suspending, when it is); `ConnectError` once the channel is closed."""
 
     async def receive(self) -> bytes:
         """The next frame body; `ConnectError` when the peer is gone, `ProtocolError`

@@ -5,6 +5,13 @@ everything else. `StreamChannel` gives any byte stream length-prefixed framing, 
 size limit and write coalescing (the frames sent during one event-loop turn go out in
 one write; on a stream that can write without waiting, the first of them goes out at
 once), so the TCP plugin and the in-process `memory` transport share it.
+
+Backpressure: `drain()` waits while more than `HIGH_WATER` bytes are queued or being
+written, so a caller that awaits it before producing more (the server does, before it
+reads the next request) holds its memory to about that much per connection and leaves
+the rest to the peer's TCP window. A channel given a `send_timeout` (the server side's)
+closes when its peer takes nothing of a queued write for that long: a client that stops
+reading for good is dropped instead of being held (nginx's `send_timeout`).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from time import monotonic
 from typing import Any
 
 import anyio
@@ -47,16 +55,24 @@ def join_endpoint(host: str, port: int) -> str:
 class StreamChannel:
     """Frames over a byte stream, with coalesced writes and a frame size limit."""
 
-    HIGH_WATER = 4 * 1024 * 1024
+    HIGH_WATER = 4 * 1024 * 1024  # queued + being-written bytes above which drain() waits
     secure = False  # set by transports that wrap the stream in TLS (see Channel)
     FLUSH_TIMEOUT = 1.0  # seconds a closing channel may spend sending what is queued
+    SEND_TIMEOUT = 30.0  # the server side's default send_timeout (see serve_guarded)
+    # with a send_timeout, writes go out in pieces of at most this many bytes, each of
+    # which the peer must take within the timeout (progress, not the whole batch, counts)
+    SEND_PIECE = 256 * 1024
 
-    def __init__(self, stream: Any, peer: str, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
+    def __init__(self, stream: Any, peer: str, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+                 send_timeout: float | None = None):
         self.peer = peer
+        self.received_at = monotonic()
+        self._send_timeout = send_timeout
         self._stream = stream
         self._decoder = FrameDecoder(max_frame_size)
         self._frames: deque[bytes] = deque()
         self._pending: list[bytes] = []
+        # bytes in `_pending` plus those of the write in progress (what drain() bounds)
         self._pending_bytes = 0
         self._wake = anyio.Event()
         # the backend's Event class, made directly (anyio.Event() looks the backend up)
@@ -77,10 +93,11 @@ class StreamChannel:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, stream: Any, peer: str, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+        cls, stream: Any, peer: str, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        send_timeout: float | None = None,
     ) -> AsyncIterator[StreamChannel]:
         """Run the channel's writer for the duration of the block; flush, then close."""
-        channel = cls(stream, peer, max_frame_size)
+        channel = cls(stream, peer, max_frame_size, send_timeout)
         error: Exception | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(channel._write_loop)
@@ -103,8 +120,6 @@ class StreamChannel:
         pending.append(HEADER.pack(size))
         pending.append(body)
         self._pending_bytes += size + 4
-        if self._pending_bytes > self.HIGH_WATER and self._drained.is_set():
-            self._drained = anyio.Event()
         if len(pending) == 2:  # the first frame of this batch
             if self._try_send is not None and not self._sent_directly \
                     and not self._writing:
@@ -125,8 +140,10 @@ class StreamChannel:
         self._pending_bytes = len(data) - sent
 
     async def drain(self) -> None:
-        if self._pending_bytes > self.HIGH_WATER:
-            await self._drained.wait()
+        while self._pending_bytes > self.HIGH_WATER and not self._closed:
+            if self._drained.is_set():
+                self._drained = self._new_event()
+            await self._drained.wait()  # the writer sets it once below the mark
         if self._closed:
             raise ConnectError(f"connection to {self.peer} is closed")
 
@@ -142,6 +159,7 @@ class StreamChannel:
                 self._closed = True
                 self._wake.set()
                 raise ConnectError(f"connection to {self.peer} closed") from exc
+            self.received_at = monotonic()
             try:
                 frames.extend(self._decoder.feed(data))
             except ProtocolError:
@@ -153,6 +171,7 @@ class StreamChannel:
     async def aclose(self) -> None:
         self._closed = True
         self._wake.set()
+        self._drained.set()
         with anyio.CancelScope(shield=True):
             await self._stream.aclose()
 
@@ -168,13 +187,25 @@ class StreamChannel:
                     continue
                 data = b"".join(self._pending)
                 self._pending.clear()
-                self._pending_bytes = 0
                 self._writing = True
                 try:
-                    await self._stream.send(data)
+                    if self._send_timeout is None:
+                        await self._stream.send(data)
+                        self._pending_bytes -= len(data)
+                    else:
+                        await self._send_in_pieces(data, self._send_timeout)
                 finally:
                     self._writing = False
-                self._drained.set()
+                if self._pending_bytes <= self.HIGH_WATER:
+                    self._drained.set()
+        except _SendStalled as exc:
+            log.warning("closing connection to %s: it took none of the %d bytes queued for "
+                        "it for %gs (send_timeout): it stopped reading", self.peer,
+                        self._pending_bytes, exc.timeout)
+            self._error = exc
+            self._closed = True
+            self._drained.set()
+            await self._stream.aclose()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream,
                 OSError) as exc:
             self._error = exc
@@ -183,6 +214,19 @@ class StreamChannel:
             await self._stream.aclose()
         finally:
             self._writer_done.set()
+
+    async def _send_in_pieces(self, data: bytes, timeout: float) -> None:
+        """Write `data`; `_SendStalled` when the peer takes none of a piece in `timeout`."""
+        piece_size = self.SEND_PIECE
+        for start in range(0, len(data), piece_size):
+            piece = data if len(data) <= piece_size else data[start:start + piece_size]
+            with anyio.move_on_after(timeout) as scope:
+                await self._stream.send(piece)
+            if scope.cancelled_caught:
+                raise _SendStalled(timeout)
+            self._pending_bytes -= len(piece)
+            if self._pending_bytes <= self.HIGH_WATER:
+                self._drained.set()
 
     async def _flush_and_close(self) -> None:
         """Let the writer send what is queued (bounded), then close the stream."""
@@ -195,12 +239,20 @@ class StreamChannel:
         await self._stream.aclose()
 
 
+class _SendStalled(Exception):
+    def __init__(self, timeout: float) -> None:
+        super().__init__(timeout)
+        self.timeout = timeout
+
+
 async def serve_guarded(
-    handler: Handler, stream: Any, peer: str, max_frame_size: int, logger: logging.Logger
+    handler: Handler, stream: Any, peer: str, max_frame_size: int, logger: logging.Logger,
+    send_timeout: float | None = StreamChannel.SEND_TIMEOUT,
 ) -> None:
-    """Run `handler` on one accepted stream so no error in it reaches the listener."""
+    """Run `handler` on one accepted stream so no error in it reaches the listener; the
+    channel drops a peer that takes nothing it is sent for `send_timeout` seconds."""
     try:
-        async with StreamChannel.open(stream, peer, max_frame_size) as channel:
+        async with StreamChannel.open(stream, peer, max_frame_size, send_timeout) as channel:
             await handler(channel)
     except Exception:
         logger.exception("connection handler for %s failed", peer)

@@ -176,8 +176,10 @@ async def test_sigstop_makes_a_server_unhealthy_and_sigcont_brings_it_back(
         assert client.route(IWhere, frozen_key) != "f2"
         with anyio.fail_after(2):
             assert await client.get_grain(IWhere, frozen_key).where() != "f2"
+        assert view(client, "f2").last_error == "stopped answering heartbeats"
         fleet.signal("f2", signal.SIGCONT)
         await wait_until(lambda: view(client, "f2").healthy)
+        assert view(client, "f2").last_error is None  # recovered: nothing to report
         assert {k: client.route(IWhere, k) for k in keys} == before
         assert await client.get_grain(IWhere, frozen_key).where() == "f2"
 

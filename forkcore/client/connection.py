@@ -119,6 +119,13 @@ class ClientConnection:
             raise ConnectError(f"{endpoint} answered the handshake badly: {exc}") from None
         return cls(channel, endpoint, session)
 
+    def heard_at(self) -> float:
+        """When the server last proved alive: its last message, or bytes of one still
+        arriving (a large answer holds up the Pongs behind it, not its own bytes)."""
+        # a transport plugin written before `Channel.received_at` existed counts messages
+        received: float = getattr(self.channel, "received_at", 0.0)
+        return received if received > self.last_heard else self.last_heard
+
     @property
     def server_id(self) -> str:
         return self.welcome.server_id
@@ -281,6 +288,8 @@ class ClientConnection:
             self.responsive = responsive
             if not responsive:
                 self.last_error = "stopped answering heartbeats"
+            elif self.last_error == "stopped answering heartbeats":
+                self.last_error = None  # recovered: nothing is wrong now
             if self.on_change is not None:
                 self.on_change(self)
 

@@ -5,6 +5,8 @@
   server that just got slow stops looking fast immediately.
 - A connection that has heard nothing for `unhealthy_after` heartbeats is unresponsive
   (a frozen process with an open socket); it is healthy again as soon as it answers.
+  Any bytes from the server count, not only whole messages: a Pong queued behind a large
+  answer on an ordered stream cannot arrive before it, but the answer's bytes do.
 - Consecutive call failures eject a server for a growing, capped interval (gRPC A50
   outlier detection), never ejecting more than a bounded share of servers.
 - A token bucket bounds retries (gRPC A6's retry throttling) so failures never turn into
@@ -30,8 +32,9 @@ class Watched(Protocol):
 
     endpoint: str
     closed: bool
-    last_heard: float
     responsive: bool
+
+    def heard_at(self) -> float: ...
 
     @property
     def server_id(self) -> str: ...
@@ -68,11 +71,12 @@ def peak_ewma(current: float | None, sample: float, elapsed: float) -> float:
 async def heartbeat(conn: Watched, options: HealthOptions,
                     on_unresponsive: Callable[[], None] | None = None) -> None:
     """Ping every `heartbeat_interval`; mark the connection unresponsive once it has been
-    silent for `unhealthy_after` intervals, responsive again when it speaks."""
+    silent (no bytes at all) for `unhealthy_after` intervals, responsive again when it
+    speaks."""
     interval = options.heartbeat_interval
     limit = options.unhealthy_after * interval
     tick = min(interval / 4, 0.25)
-    next_ping = clock()  # the connection's clock (ClientConnection.last_heard)
+    next_ping = clock()  # the connection's clock (ClientConnection.heard_at)
     while not conn.closed:
         now = clock()
         if now >= next_ping:
@@ -81,13 +85,13 @@ async def heartbeat(conn: Watched, options: HealthOptions,
             except ConnectError:
                 return
             next_ping = now + interval
-        responsive = now - conn.last_heard < limit
+        silent = now - conn.heard_at()
+        responsive = silent < limit
         if responsive != conn.responsive:
             conn.set_responsive(responsive)
             if not responsive:
                 log.warning("server %s at %s has not answered for %.1fs (%d heartbeats)",
-                            conn.server_id, conn.endpoint, now - conn.last_heard,
-                            options.unhealthy_after)
+                            conn.server_id, conn.endpoint, silent, options.unhealthy_after)
                 if on_unresponsive is not None:
                     on_unresponsive()
         await anyio.sleep(tick)

@@ -132,6 +132,8 @@ class Pool:
         else:
             new_state = "healthy"
         healthy = new_state == "healthy"
+        if healthy:
+            view.last_error = None  # what went wrong before is over
         if new_state != view.state or healthy != view.healthy:
             old_state = view.state
             if old_state != "connecting" or new_state != "unhealthy":

@@ -18,7 +18,8 @@ class ServerView:
     `in_flight`, `state` and `last_error` in place as things change, so a strategy reads
     live values without the client building new objects on every call. `rtt` is the
     smoothed round-trip time in seconds (None until measured); `state` is one of
-    "connecting", "healthy", "unhealthy", "ejected", "draining", "removed"; `versions` maps each
+    "connecting", "healthy", "unhealthy", "ejected", "draining", "removed"; `last_error` says
+    why it is not healthy (None once it is healthy again); `versions` maps each
     interface the server declares to what it declared.
     """
 

@@ -52,7 +52,11 @@ MAX_ERROR_MESSAGE = 8192  # characters of a grain exception's message sent to th
 
 
 class ServerConnection:
-    """One accepted client connection: handshake, then requests until it closes."""
+    """One accepted client connection: handshake, then requests until it closes.
+
+    It reads the next request only once the channel's unsent answers are below its
+    high-water mark, so what a client that stops reading can make it hold is that mark
+    plus the answers of the calls already admitted (at most `max_in_flight`)."""
 
     __slots__ = ("channel", "client_id", "dropped", "dropped_logged_at", "one_ways",
                  "scope", "server", "session")
@@ -136,9 +140,14 @@ class ServerConnection:
                 if server.draining:
                     self.goodbye("draining")
                 receive = self.channel.receive
+                drain = self.channel.drain
                 deliver = session.receive
                 outgoing = session.outgoing
                 while True:
+                    # backpressure: while the client leaves our answers unread, read no
+                    # more of its requests (drain returns at once unless backlogged), so
+                    # TCP blocks the sender instead of our memory growing
+                    await drain()
                     deliver(await receive())
                     if outgoing:
                         self._flush()

@@ -80,8 +80,10 @@ def _mark(channel: Channel | StreamChannel, secure: bool) -> None:
 
 class TcpListener:
     def __init__(self, listener: anyio.abc.Listener[Any], endpoint: str, max_frame_size: int,
-                 tls: ssl.SSLContext | None = None, handshake_timeout: float = 5.0):
+                 tls: ssl.SSLContext | None = None, handshake_timeout: float = 5.0,
+                 send_timeout: float = StreamChannel.SEND_TIMEOUT):
         self._listener = listener
+        self._send_timeout = send_timeout
         self.endpoint = endpoint
         self.max_frame_size = max_frame_size
         self.secure = tls is not None
@@ -140,7 +142,8 @@ class TcpListener:
                 if wrapped is None:
                     return
                 stream = wrapped
-            await serve_guarded(marked, stream, peer, self.max_frame_size, log)
+            await serve_guarded(marked, stream, peer, self.max_frame_size, log,
+                                self._send_timeout)
 
         async def accept_loop(listener: Any) -> None:
             # accepted sockets become SocketByteStreams (see sockets.py); the listener's
@@ -167,15 +170,17 @@ class TcpListener:
 
 
 class TcpTransport:
-    """Transport `tcp`. Options: `max_frame_size` (bytes, default 16 MiB); server TLS:
-    `cert_file`, `key_file`, `handshake_timeout` (seconds, default 5); client TLS:
-    `ca_file`, `fingerprint`, `insecure`, `tls`, `server_name`. See the README."""
+    """Transport `tcp`. Options: `max_frame_size` (bytes, default 16 MiB); server:
+    `send_timeout` (seconds, default 30), TLS `cert_file`, `key_file`, `handshake_timeout`
+    (seconds, default 5); client TLS: `ca_file`, `fingerprint`, `insecure`, `tls`,
+    `server_name`. See the README."""
 
     name = "tcp"
 
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
                  cert_file: str | None = None, key_file: str | None = None,
-                 handshake_timeout: float = 5.0, ca_file: str | None = None,
+                 handshake_timeout: float = 5.0,
+                 send_timeout: float = StreamChannel.SEND_TIMEOUT, ca_file: str | None = None,
                  fingerprint: str | None = None, insecure: bool = False,
                  tls: bool | None = None, server_name: str | None = None) -> None:
         if isinstance(max_frame_size, bool) or not isinstance(max_frame_size, int) \
@@ -183,6 +188,7 @@ class TcpTransport:
             raise ConfigError("transport_options.max_frame_size must be an int >= 64")
         self.max_frame_size = max_frame_size
         self.handshake_timeout = positive_seconds("handshake_timeout", handshake_timeout)
+        self.send_timeout = positive_seconds("send_timeout", send_timeout)
         server = server_context(cert_file, key_file)
         self._server_tls: ssl.SSLContext | None = server[0] if server else None
         self._fingerprint: str | None = server[1] if server else None
@@ -290,4 +296,4 @@ class TcpTransport:
                          "%s (clients can pin it with transport_options fingerprint)", bound,
                          self._cert_file, pretty_fingerprint(self._fingerprint))
             yield TcpListener(listener, bound, self.max_frame_size, self._server_tls,
-                              self.handshake_timeout)
+                              self.handshake_timeout, self.send_timeout)

@@ -634,6 +634,8 @@ def test_bad_server_options_are_config_errors_naming_the_option(pki: Pki,
         ({**pki.server_options, "handshake_timeout": 0}, "handshake_timeout"),
         ({**pki.server_options, "handshake_timeout": "5"}, "handshake_timeout"),
         ({**pki.server_options, "handshake_timeout": True}, "handshake_timeout"),
+        ({"send_timeout": 0}, "send_timeout"),
+        ({"send_timeout": float("inf")}, "send_timeout"),
     ]
     for options, named in cases:
         with pytest.raises(ConfigError, match=named):
