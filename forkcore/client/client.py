@@ -1,19 +1,17 @@
 """`forkcore.Client`: connects to servers and routes every call to one of them.
 
-Single mode holds one connection, to the first reachable endpoint of `servers`, and
-moves to the next endpoint (with jittered exponential backoff) when it drops. Multi mode
-holds `connections_per_server` connections to every server and routes each call through
-the pipeline candidates → affinity → strategy → connection (fewest calls in flight).
+What the two modes keep open, and how a call finds its server, is the upkeep's
+(`upkeep.SingleUpkeep`: ordered failover over `servers`; `upkeep.MultiUpkeep`: every
+server, routed by `routing.route`). The client itself builds the plugins, hands out
+proxies, and runs each call as a short loop over attempts (`invoke`).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
-from functools import partial
 from pathlib import Path
 from time import monotonic
 from typing import Any, TypeVar
@@ -28,11 +26,9 @@ from ..context import outgoing as outgoing_context
 from ..errors import (
     ConfigError,
     ConnectError,
-    ForkcoreError,
     NoServerAvailable,
     PluginNotFound,
     RequestTimeout,
-    Unauthorized,
 )
 from ..grains import (
     Affinity,
@@ -50,11 +46,11 @@ from ..observers import Observers
 from ..plugins import create, create_interceptors, lookup
 from ..protocol.messages import HEADER_CONTEXT
 from ..security import load_psk
-from ..transport import split_endpoint
-from .connection import ClientConnection, NotSent, ServerRefused
-from .health import Ejector, RetryBudget, heartbeat
+from .connection import NotSent, ServerRefused
+from .health import RetryBudget
 from .pool import Pool, ServerState
 from .proxy import GrainRef, proxy_class
+from .upkeep import MultiUpkeep, SingleUpkeep, backoff_delay
 from .views import ServerView
 
 log = logging.getLogger("forkcore.client")
@@ -63,12 +59,6 @@ T = TypeVar("T", bound=GrainInterface)
 DEFAULT_STRATEGY = "round_robin"
 MAX_ATTEMPTS = 5  # routing attempts per call (the first and at most four resends)
 _CURRENT: Any = object()  # invoke(context=...) not given: the current call context
-
-
-def backoff_delay(attempt: int, initial: float, cap: float) -> float:
-    """Exponential backoff with jitter: between half and all of min(cap, initial·2^attempt)."""
-    ceiling = min(cap, initial * (2 ** min(attempt, 32)))
-    return random.uniform(ceiling / 2, ceiling)
 
 
 class Client:
@@ -137,15 +127,16 @@ class Client:
                                                 options.interceptor_options, where)
         self._watch_calls = self._observers.watches_calls
         self._pool = Pool(self.conflict_resolver.resolve, self._observers.server_state_changed)
-        self._active: ClientConnection | None = None
-        self._last_error: str | None = None
-        self._scopes: dict[str, list[anyio.CancelScope]] = {}
-        self._retired: set[str] = set()
-        self._endpoint_errors: dict[str, str] = {}  # endpoints whose last attempt failed
         self._stack: AsyncExitStack | None = None
-        self._connected = anyio.Event()  # single mode: set while a connection is open
-        self._ejector = Ejector(options.health, self._schedule_readmission)
         self._retry_budget = RetryBudget(options.health.retry_budget)
+        if options.mode == "single":
+            self._upkeep: SingleUpkeep | MultiUpkeep = SingleUpkeep(
+                options, self.transport, self._pool, self.client_id, self._psk)
+        else:
+            self._upkeep = MultiUpkeep(options, self.transport, self._pool, self.client_id,
+                                       self._psk, strategy=self.strategy,
+                                       policy=self._policy_affinity)
+        self._route = self._upkeep.route  # on every call's path: bound once
 
     @staticmethod
     def _build_observers(options: ClientOptions, where: str) -> list[Any]:
@@ -169,16 +160,7 @@ class Client:
         await stack.__aenter__()
         try:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
-            if self.mode == "single":
-                await self._tg.start(self._maintain_single)
-            else:
-                outcomes = await self._open(self.options.servers)
-                if not any(isinstance(o, str) for o in outcomes):
-                    refusals = [o for o in outcomes if isinstance(o, Unauthorized)]
-                    if refusals:
-                        raise refusals[0]
-                    raise ConnectError("could not connect to any server: " + "; ".join(
-                        str(o) for o in outcomes))
+            await self._upkeep.start(self._tg)
         except BaseException:
             self._tg.cancel_scope.cancel()
             await stack.__aexit__(None, None, None)
@@ -190,212 +172,28 @@ class Client:
         stack, self._stack = self._stack, None
         if stack is None:
             return
+        self._upkeep.stop()
         self._tg.cancel_scope.cancel()
         await stack.__aexit__(None, None, None)  # the block's own error propagates by itself
-        self._active = None
-
-    def _connection_options(self) -> tuple[float, float, float, float]:
-        o = self.options
-        return (o.connect_timeout, o.health.heartbeat_interval, o.reconnect_initial_delay,
-                o.reconnect_max_delay)
-
-    async def _session(self, endpoint: str, on_open: Any) -> ClientConnection:
-        """Connect, handshake, serve one connection until it ends; returns it (closed)."""
-        connect_timeout = self.options.connect_timeout
-        async with self.transport.connect(endpoint, timeout=connect_timeout) as channel:
-            conn = await ClientConnection.handshake(channel, endpoint, self.client_id,
-                                                    connect_timeout, self.options.security,
-                                                    self._psk)
-            self._endpoint_errors.pop(endpoint, None)
-            self._pool.attach(conn)
-            on_open(conn)
-            try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(heartbeat, conn, self.options.health,
-                                  partial(self._unresponsive, conn)
-                                  if self.mode == "single" else None)
-                    tg.start_soon(conn.watch_deadlines)
-                    await conn.run()
-                    tg.cancel_scope.cancel()
-            finally:
-                conn.close(conn.last_error or "client closed")
-                self._pool.detach(conn)
-        return conn
-
-    def _unresponsive(self, conn: ClientConnection) -> None:
-        """Single mode cannot route around a frozen server: drop it and move on."""
-        conn.close("server stopped answering heartbeats")
-        self._tg.start_soon(conn.channel.aclose)
-
-    def _schedule_readmission(self, state: ServerState, after: float) -> None:
-        async def readmit() -> None:
-            await anyio.sleep(after)
-            self._pool.refresh(state)
-
-        self._tg.start_soon(readmit)
-
-    async def _maintain_single(
-        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Keep one connection open, to the first endpoint that answers; move on when it
-        drops, backing off after a full round of failures."""
-        _, _, initial, cap = self._connection_options()
-        endpoints = self.options.servers
-        started = False
-        index = 0
-        attempt = 0
-
-        def opened(conn: ClientConnection) -> None:
-            nonlocal started, attempt
-            self._active = conn
-            self._connected.set()
-            attempt = 0
-            log.info("connected to server %s at %s", conn.server_id, conn.endpoint)
-            if not started:
-                started = True
-                task_status.started()
-
-        while True:
-            errors: list[str] = []
-            for offset in range(len(endpoints)):
-                position = (index + offset) % len(endpoints)
-                try:
-                    conn = await self._session(endpoints[position], opened)
-                except Unauthorized as exc:
-                    if not started:
-                        raise
-                    errors.append(str(exc))
-                    self._last_error = self._endpoint_errors[endpoints[position]] = str(exc)
-                    continue
-                except ConnectError as exc:
-                    errors.append(str(exc))
-                    self._last_error = self._endpoint_errors[endpoints[position]] = str(exc)
-                    continue
-                self._lost(conn)
-                index = (position + 1) % len(endpoints)
-                break
-            else:
-                if not started:
-                    raise ConnectError("could not connect to any server: " + "; ".join(errors))
-                await anyio.sleep(backoff_delay(attempt, initial, cap))
-                attempt += 1
-
-    def _lost(self, conn: ClientConnection) -> None:
-        if self._active is conn:
-            self._active = None
-            if self._connected.is_set():  # never replace an event someone waits on
-                self._connected = anyio.Event()
-        self._last_error = conn.last_error
-        log.warning("lost connection to server %s at %s (%s); reconnecting", conn.server_id,
-                    conn.endpoint, conn.last_error)
-
-    async def _open(self, endpoints: Sequence[str]) -> list[str | ForkcoreError]:
-        """Start `connections_per_server` maintainers per endpoint, all in parallel; each
-        outcome is the server id connected to or the error of the first attempt."""
-        outcomes: list[str | ForkcoreError] = []
-
-        async def start(endpoint: str) -> None:
-            outcomes.append(await self._tg.start(self._maintain_endpoint, endpoint))
-
-        async with anyio.create_task_group() as starters:
-            for endpoint in endpoints:
-                self._retired.discard(endpoint)
-                for _ in range(self.options.connections_per_server):
-                    starters.start_soon(start, endpoint)
-        return outcomes
-
-    async def _maintain_endpoint(
-        self, endpoint: str, *,
-        task_status: anyio.abc.TaskStatus[str | ForkcoreError] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Keep one connection to `endpoint` open (multi mode), reconnecting with jittered
-        exponential backoff, until the endpoint's server is removed or the client closes."""
-        _, _, initial, cap = self._connection_options()
-        started = False
-        attempt = 0
-
-        def opened(conn: ClientConnection) -> None:
-            nonlocal started, attempt
-            attempt = 0
-            if not started:
-                started = True
-                task_status.started(conn.server_id)
-            log.info("connected to server %s at %s", conn.server_id, conn.endpoint)
-
-        with anyio.CancelScope() as scope:
-            self._scopes.setdefault(endpoint, []).append(scope)
-            try:
-                while endpoint not in self._retired:
-                    try:
-                        conn = await self._session(endpoint, opened)
-                        if endpoint not in self._retired:
-                            log.warning("lost connection to server %s at %s (%s); "
-                                        "reconnecting", conn.server_id, endpoint,
-                                        conn.last_error)
-                    except (ConnectError, Unauthorized) as exc:
-                        self._last_error = self._endpoint_errors[endpoint] = str(exc)
-                        if not started:
-                            started = True
-                            task_status.started(exc)
-                    if endpoint in self._retired:
-                        break
-                    await anyio.sleep(backoff_delay(attempt, initial, cap))
-                    attempt += 1
-            finally:
-                self._scopes[endpoint].remove(scope)
 
     # -- membership at runtime ------------------------------------------------------------
 
     async def add_server(self, endpoint: str) -> str:
         """Connect to one more server (multi mode) and route to it; its id."""
-        self._require_multi("add_server")
-        split_endpoint(endpoint)
-        for state in self._pool.states.values():
-            if endpoint in state.endpoints and not state.removed and self._scopes.get(endpoint):
-                return state.view.id
-        outcomes = await self._open([endpoint])
-        for outcome in outcomes:
-            if isinstance(outcome, str):
-                return outcome
-        self._retire_endpoint(endpoint)
-        if isinstance(outcomes[0], Unauthorized):
-            raise Unauthorized(f"add_server({endpoint!r}): {outcomes[0]}")
-        raise ConnectError(f"add_server({endpoint!r}): {outcomes[0]}")
+        return await self._require_multi("add_server").add_server(endpoint)
 
     async def remove_server(self, server_id: str) -> None:
         """Stop routing to `server_id` now; its calls in flight may finish, then its
         connections close and it is not reconnected."""
-        self._require_multi("remove_server")
-        state = self._pool.states.get(server_id)
-        if state is None or state.removed:
-            known = ", ".join(sorted(s for s, st in self._pool.states.items()
-                                     if not st.removed)) or "none"
-            raise ConfigError(f"remove_server({server_id!r}): no such server (known: {known})")
-        self._pool.remove(server_id)
-        for endpoint in state.endpoints:
-            self._retired.add(endpoint)
-        self._tg.start_soon(self._retire, state)
-        log.info("server %s removed", server_id)
+        self._require_multi("remove_server").remove_server(server_id)
 
-    async def _retire(self, state: ServerState) -> None:
-        with anyio.move_on_after(self.options.request_timeout):
-            while any(c.pending for c in state.connections):
-                await anyio.sleep(0.01)
-        for endpoint in state.endpoints:
-            self._retire_endpoint(endpoint)
-        self._pool.forget(state.view.id)
-
-    def _retire_endpoint(self, endpoint: str) -> None:
-        self._retired.add(endpoint)
-        for scope in list(self._scopes.get(endpoint, ())):
-            scope.cancel()
-
-    def _require_multi(self, what: str) -> None:
-        if self.mode != "multi":
+    def _require_multi(self, what: str) -> MultiUpkeep:
+        if not isinstance(self._upkeep, MultiUpkeep):
             raise ConfigError(f"{what} needs mode = 'multi'; a single-mode client uses the "
                               "endpoints of 'servers' in turn")
         if self._stack is None:
             raise NoServerAvailable(f"{what}: use 'async with client:' first")
+        return self._upkeep
 
     # -- grain references and calls -------------------------------------------------------
 
@@ -448,8 +246,8 @@ class Client:
         headers = {HEADER_CONTEXT: context} if context else None
         deadline = monotonic() + (method.timeout or self.options.request_timeout)
         for attempt in range(MAX_ATTEMPTS):
-            if attempt and self.mode == "single":
-                await self._wait_connected(deadline)
+            if attempt:
+                await self._upkeep.before_retry(deadline)
             state = self._route(grain_id, affinity)
             if self._policy_routed is not None:
                 self._policy_routed(grain_id, state.view.id)
@@ -492,7 +290,7 @@ class Client:
                 error = exc
                 if getattr(exc, "remote", False):
                     raise  # raised on the server (by an interceptor), not a lost connection
-                self._failed(state)
+                self._upkeep.failed(state)
                 if method.idempotent and monotonic() < deadline \
                         and self._retry_budget.take():
                     log.debug("resending idempotent %s.%s after: %s", grain_id, method.name,
@@ -501,7 +299,7 @@ class Client:
                 raise
             except RequestTimeout as exc:
                 error = exc
-                self._failed(state)
+                self._upkeep.failed(state)
                 raise
             except BaseException as exc:
                 error = exc
@@ -534,80 +332,6 @@ class Client:
 
         return await run_chain(self._interceptors, info, send)
 
-    def _failed(self, state: ServerState) -> None:
-        if self.mode == "multi":
-            if self._ejector.failure(state, self._pool.live_count(), self._pool.ejected_count()):
-                self._pool.refresh(state)
-
-    async def _wait_connected(self, deadline: float) -> None:
-        """Single mode, resending: wait (until the deadline) for a usable connection."""
-        with anyio.move_on_after(max(0.0, deadline - monotonic())):
-            while not self._usable(self._active):
-                if self._connected.is_set():
-                    self._connected = anyio.Event()
-                await self._connected.wait()
-
-    @staticmethod
-    def _usable(conn: ClientConnection | None) -> bool:
-        return conn is not None and not conn.closed and not conn.draining and conn.responsive
-
-    def _route(self, grain_id: GrainId, affinity: Affinity | None) -> ServerState:
-        """candidates → affinity → strategy: the server a call goes to, or
-        NoServerAvailable saying why there is none."""
-        if self.mode == "single":
-            return self._route_single(grain_id, affinity)
-        pool = self._pool
-        candidates = pool.candidates(grain_id.interface)
-        if affinity is None and self._policy_affinity is not None and candidates:
-            affinity = self._policy_affinity(grain_id, candidates)
-        if affinity is not None:
-            state = pool.states.get(affinity.server)
-            usable = state is not None and any(v is state.view for v in candidates)
-            if usable:
-                assert state is not None
-                return state
-            if affinity.mode is AffinityMode.REQUIRED:
-                raise pool.explain(grain_id.interface,
-                                   f" on required server {affinity.server!r} "
-                                   f"({'unknown' if state is None else state.view.state})")
-        if not candidates:
-            if self._stack is None:
-                raise NoServerAvailable(self._unavailable(grain_id.interface))
-            raise pool.explain(grain_id.interface)
-        chosen = self.strategy.select(grain_id, candidates)
-        state = pool.states.get(chosen)
-        if state is None:
-            raise ForkcoreError(f"strategy {self.options.strategy!r} chose {chosen!r}, which "
-                                "is not one of the candidates: the strategy plugin is broken")
-        return state
-
-    def _route_single(self, grain_id: GrainId, affinity: Affinity | None) -> ServerState:
-        conn = self._active
-        if conn is None or not self._usable(conn):
-            if self._connected.is_set():
-                self._connected = anyio.Event()  # resends wait for the next connection
-            raise NoServerAvailable(self._unavailable(grain_id.interface))
-        if affinity is not None and affinity.mode is AffinityMode.REQUIRED \
-                and affinity.server != conn.server_id:
-            raise NoServerAvailable(
-                f"{grain_id} requires server {affinity.server!r}, but this single-mode client "
-                f"is connected to {conn.server_id!r}")
-        return self._pool.states[conn.server_id]
-
-    def _unavailable(self, interface: str) -> str:
-        if self._stack is None:
-            return "the client is not connected: use 'async with client:' before calling"
-        conn = self._active
-        if conn is not None and conn.draining and not conn.closed:
-            why = f"server {conn.server_id} is draining"
-        elif conn is not None and not conn.responsive and not conn.closed:
-            why = f"server {conn.server_id} stopped answering heartbeats"
-        else:
-            why = f"last error: {self._last_error}"
-        return (f"no server is connected to serve {interface} (servers: "
-                f"{', '.join(self.options.servers)}; {why}); "
-                "the client is reconnecting in the background")
-
     def route(self, interface_or_name: type[GrainInterface] | str, key: Key, *,
               server: str | None = None, affinity: AffinityMode | str | None = None) -> str:
         """The id of the server a call to (interface, key) would go to now: the same
@@ -631,8 +355,9 @@ class Client:
         learned their ids."""
         known = {e for st in self._pool.states.values() if not st.removed
                  for e in st.endpoints}
-        return {e: err for e, err in self._endpoint_errors.items()
-                if e not in known and e not in self._retired}
+        upkeep = self._upkeep
+        return {e: err for e, err in upkeep.endpoint_errors.items()
+                if e not in known and e not in upkeep.retired}
 
     async def server_stats(self, timeout: float = 1.0) -> dict[str, dict[str, Any]]:
         """Each connected server's counters (calls served, in flight, activations,
@@ -659,4 +384,4 @@ class Client:
         return self._pool.views()
 
 
-__all__ = ["Client"]
+__all__ = ["Client", "backoff_delay"]
