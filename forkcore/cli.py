@@ -23,6 +23,7 @@ import anyio
 import attrs
 
 from .client.views import ServerView
+from .clock import now as clock
 from .errors import ConfigError, ForkcoreError
 from .report import render_servers, routing_shares
 
@@ -211,12 +212,12 @@ async def _status(client: Any, args: argparse.Namespace) -> None:
 
             tg.start_soon(stop_on_signal)
             previous: dict[str, dict[str, Any]] = {}
-            last = anyio.current_time()
+            last = clock()
             await anyio.sleep(min(0.2, client.options.health.heartbeat_interval))
             frames = 0
             while True:
                 stats = await client.server_stats()
-                now = anyio.current_time()
+                now = clock()
                 print(("\x1b[H\x1b[2J" if live else "")
                       + status_table(client, stats, previous, now - last), flush=True)
                 previous, last, frames = stats, now, frames + 1

@@ -21,13 +21,13 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from time import monotonic
 from typing import Any
 
 import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .clock import now as clock
 from .errors import ConfigError, ConnectError, ProtocolError
 from .interfaces import Channel, Handler, Listener, Transport
 from .protocol.framing import DEFAULT_MAX_FRAME_SIZE, HEADER, FrameDecoder
@@ -66,7 +66,7 @@ class StreamChannel:
     def __init__(self, stream: Any, peer: str, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
                  send_timeout: float | None = None):
         self.peer = peer
-        self.received_at = monotonic()
+        self.received_at = clock()
         self._send_timeout = send_timeout
         self._stream = stream
         self._decoder = FrameDecoder(max_frame_size)
@@ -159,7 +159,7 @@ class StreamChannel:
                 self._closed = True
                 self._wake.set()
                 raise ConnectError(f"connection to {self.peer} closed") from exc
-            self.received_at = monotonic()
+            self.received_at = clock()
             try:
                 frames.extend(self._decoder.feed(data))
             except ProtocolError:

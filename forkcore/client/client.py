@@ -13,13 +13,13 @@ import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
-from time import monotonic
 from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 
 from ..builtins import NoAffinity
+from ..clock import now as clock
 from ..config import ClientOptions, load_config, options_from_kwargs
 from ..context import check_entries
 from ..context import outgoing as outgoing_context
@@ -244,7 +244,7 @@ class Client:
                 return await self._intercepted(grain_id, affinity, method, args, kwargs)
             context = outgoing_context()
         headers = {HEADER_CONTEXT: context} if context else None
-        deadline = monotonic() + (method.timeout or self.options.request_timeout)
+        deadline = clock() + (method.timeout or self.options.request_timeout)
         for attempt in range(MAX_ATTEMPTS):
             if attempt:
                 await self._upkeep.before_retry(deadline)
@@ -291,7 +291,7 @@ class Client:
                 if getattr(exc, "remote", False):
                     raise  # raised on the server (by an interceptor), not a lost connection
                 self._upkeep.failed(state)
-                if method.idempotent and monotonic() < deadline \
+                if method.idempotent and clock() < deadline \
                         and self._retry_budget.take():
                     log.debug("resending idempotent %s.%s after: %s", grain_id, method.name,
                               exc)

@@ -4,7 +4,7 @@ Calls to one activation wait in its mailbox and run one at a time in arrival ord
 task runs an activation only while its mailbox is non-empty, so an idle activation costs
 a small object, not a task. Reentrant methods start at once instead of queueing.
 
-Deadlines are `time.monotonic()` values. The calls an activation runs back to back share
+Deadlines are `time.clock()` values. The calls an activation runs back to back share
 one cancel scope (entering a scope costs more than a small call), and one watcher task
 per catalog cancels the scope of a call that outlives its deadline.
 """
@@ -16,23 +16,25 @@ import math
 import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
-from time import monotonic
 from typing import Any
 
 import anyio
 import anyio.abc
 from anyio.lowlevel import checkpoint
 
+from ..clock import now as clock
 from ..context import enter_served, leave_served
 from ..errors import ForkcoreError, MethodNotFound, RemoteError, RequestTimeout, Unauthorized
 from ..grains import Grain, GrainId, InterfaceSpec, Key
 from ..interceptors import CallInfo, run_chain
+from ..protocol.messages import FailureKind
 from ..security import ANONYMOUS, Identity, reset_caller, set_caller
 from .workers import WorkerPool
 
 log = logging.getLogger("forkcore.server.catalog")
 
-# reply(ok, value): ok=True → value is the result; ok=False → value is (kind, type, message)
+# reply(ok, value): ok=True → value is the result; ok=False → value is
+# (FailureKind, type name, message)
 Reply = Callable[[bool, Any], None]
 
 # the watcher looks for new running calls at least this often (seconds): a call whose
@@ -72,17 +74,18 @@ class InterceptorError(Exception):
         self.error = error
 
 
-def failure_of(exc: BaseException) -> tuple[str, str, str]:
+def failure_of(exc: BaseException) -> tuple[FailureKind, str, str]:
     """(failure kind, type name, message) of an exception that ended a call."""
     if type(exc) is InterceptorError:
         error = exc.error
         if isinstance(error, RemoteError):
-            return ("remote", error.type_name, error.message)
-        kind = ("unauthorized" if isinstance(error, Unauthorized) else
-                "timeout" if isinstance(error, RequestTimeout) else
-                "method_not_found" if isinstance(error, MethodNotFound) else "error")
+            return (FailureKind.REMOTE, error.type_name, error.message)
+        kind = (FailureKind.UNAUTHORIZED if isinstance(error, Unauthorized) else
+                FailureKind.TIMEOUT if isinstance(error, RequestTimeout) else
+                FailureKind.NOT_FOUND if isinstance(error, MethodNotFound) else
+                FailureKind.ERROR)
         return (kind, type(error).__name__, str(error))
-    return ("remote", type(exc).__name__, str(exc))
+    return (FailureKind.REMOTE, type(exc).__name__, str(exc))
 
 
 class Call:
@@ -175,7 +178,7 @@ class Catalog:
             act = self._create(GrainId(interface, key))
         else:
             activations.move_to_end(slot)
-        act.last_used = monotonic()
+        act.last_used = clock()
         self.calls_total += 1
         self.running_calls += 1
         if reentrant:
@@ -195,7 +198,7 @@ class Catalog:
         grain.grain_id = grain_id
         grain.key = grain_id.key
         grain.__init__()  # type: ignore[misc]
-        act = Activation(grain, grain_id, monotonic())
+        act = Activation(grain, grain_id, clock())
         self.activations[activation_slot(grain_id.interface, grain_id.key)] = act
         return act
 
@@ -250,7 +253,7 @@ class Catalog:
             act.busy = False
             if not act.mailbox:
                 act.mailbox = None
-            act.last_used = monotonic()
+            act.last_used = clock()
 
     async def _run_reentrant(self, act: Activation, call: Call) -> None:
         try:
@@ -258,7 +261,7 @@ class Catalog:
             await self._run_calls(act, deque((call,)), error)
         finally:
             act.reentrant_running -= 1
-            act.last_used = monotonic()
+            act.last_used = clock()
 
     async def _run_calls(self, act: Activation, calls: deque[Call],
                          error: BaseException | None) -> None:
@@ -291,11 +294,12 @@ class Catalog:
                             if call.cancelled:
                                 continue
                             deadline = call.deadline
-                            if deadline <= monotonic():
+                            if deadline <= clock():
                                 if call.reply is not None:
                                     call.reply(False, (
-                                        "timeout", "RequestTimeout", "the call's deadline "
-                                        "passed while it waited in the grain's queue"))
+                                        FailureKind.TIMEOUT, "RequestTimeout",
+                                        "the call's deadline passed while it waited in the "
+                                        "grain's queue"))
                                 continue
                             if call.caller is not caller:
                                 caller = call.caller  # forkcore.current_caller()
@@ -375,7 +379,7 @@ class Catalog:
         if call.expired and not call.cancelled and call.reply is not None:
             reply, call.reply = call.reply, None
             try:
-                reply(False, ("timeout", "RequestTimeout",
+                reply(False, (FailureKind.TIMEOUT, "RequestTimeout",
                               f"the grain did not finish {call.method} before the "
                               "caller's deadline; the work was cancelled"))
             except Exception:
@@ -394,7 +398,7 @@ class Catalog:
                 await self._watch_wake.wait()
                 await anyio.sleep(WATCH_TICK)
                 continue
-            now = monotonic()
+            now = clock()
             earliest = math.inf
             for call, scope in list(running.items()):
                 if call.deadline <= now:
@@ -408,7 +412,7 @@ class Catalog:
     def _fail_activation(self, call: Call, error: BaseException) -> None:
         try:
             if call.reply is not None:
-                call.reply(False, ("remote", type(error).__name__,
+                call.reply(False, (FailureKind.REMOTE, type(error).__name__,
                                    f"on_activate failed: {error}"))
         except Exception:
             log.exception("answering %s after a failed activation failed", call.method)
@@ -422,7 +426,7 @@ class Catalog:
     async def collect_idle(self, idle_timeout: float) -> int:
         """Deactivate activations idle for longer than `idle_timeout`; how many."""
         self._workers.trim()
-        cutoff = monotonic() - idle_timeout
+        cutoff = clock() - idle_timeout
         victims = [a for a in self.activations.values() if a.idle and a.last_used <= cutoff]
         for act in victims:
             await self._deactivate(act)

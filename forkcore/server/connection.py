@@ -117,7 +117,7 @@ class ServerConnection:
                 kind, type_name, message = value
                 if len(message) > MAX_ERROR_MESSAGE:
                     message = message[:MAX_ERROR_MESSAGE] + " [truncated]"
-                self.send(session.fail(request_id, FailureKind(kind), type_name[:256],
+                self.send(session.fail(request_id, kind, type_name[:256],
                                        message))
 
         return reply
