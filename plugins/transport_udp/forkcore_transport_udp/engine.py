@@ -42,6 +42,7 @@ log = logging.getLogger("forkcore.transport.udp")
 Address = Any  # a socket address tuple
 BATCH = 256  # datagrams read per wake-up before packets go out
 RECEIVE_BUFFER = 4 * 1024 * 1024
+RECEIPT_TURNS = 2  # loop turns a flush after received datagrams may wait for a send
 
 
 class Session(Protocol):
@@ -87,13 +88,20 @@ class Engine:
         self._timer_handle_at = math.inf
         self._unsent: list[tuple[bytes, Address]] = []  # waiting for the socket to drain
         self._failure: BaseException | None = None  # raised by a callback: run() raises it
+        self._reading = False  # taking datagrams: touches are flushed after the batch
+        self._touched = False  # touched while a flush after a receipt waits
+        self._turns_left = 0  # loop turns that flush may still wait
 
     def touch(self, session: Session) -> None:
         """`session` has something to send: transmit it at the end of this loop turn."""
         self._dirty[session] = None
         if self._loop is not None:
+            if self._reading:
+                return  # _read_and_flush schedules the flush
             if self._flush_handle is None:
                 self._flush_handle = self._loop.call_soon(self._flush)
+            else:
+                self._touched = True
         elif not self._woken:
             self._woken = True
             self._wake.set()
@@ -289,9 +297,27 @@ class Engine:
         self._guarded(self._read_and_flush)
 
     def _read_and_flush(self) -> None:
-        self._read_batch(self._loop.time())
+        self._reading = True
+        try:
+            self._read_batch(self._loop.time())
+        finally:
+            self._reading = False
         if self._dirty and self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self._flush)
+            self._touched = False
+            self._turns_left = RECEIPT_TURNS
+            self._flush_handle = self._loop.call_soon(self._flush_after_receipt)
+
+    def _flush_after_receipt(self) -> None:
+        """Flush a few loop turns after datagrams came, or at the end of the first turn
+        in which the application sends: what the datagrams woke (the channel's reader,
+        then the caller it answers) runs first, so the next request and the
+        acknowledgements leave in one transmit instead of an empty one first. The
+        acknowledgements wait for their ack delay anyway."""
+        if self._touched or not self._turns_left:
+            self._flush()
+        else:
+            self._turns_left -= 1
+            self._flush_handle = self._loop.call_soon(self._flush_after_receipt)
 
     def _flush(self) -> None:
         self._flush_handle = None
