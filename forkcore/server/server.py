@@ -126,7 +126,13 @@ class Server:
                 "activations": len(catalog.activations),
                 "connections": len(self._connections),
                 "uptime": clock() - self._started_at,
-                "draining": self.draining, "one_way_dropped": self.one_way_dropped}
+                "draining": self.draining, "one_way_dropped": self.one_way_dropped,
+                **self._transport_stats()}
+
+    def _transport_stats(self) -> dict[str, Any]:
+        """The listener's own counters, if its transport keeps any (udp does)."""
+        stats = getattr(getattr(self, "_listener", None), "stats", None)
+        return {"transport": stats()} if callable(stats) else {}
 
     @property
     def connection_count(self) -> int:

@@ -1,11 +1,14 @@
 """The server side: one UDP socket, many QUIC connections, handed to the handler.
 
 Datagrams are routed by destination connection id. A datagram for no known connection
-starts one only if it is a well-formed Initial packet of at least 1200 bytes that
-decrypts, from an address with fewer than `max_handshakes_per_address` handshakes in
-progress, while fewer than `max_connections` exist; everything else is dropped at the
-cost of parsing a header. So a flood of junk costs little and reaches no connection.
-A connection is handed to the handler once the client has opened the ordered stream.
+starts one only if it is a well-formed Initial packet of at least 1200 bytes, from an
+address with fewer than `max_handshakes_per_address` handshakes in progress, and its
+first packet decrypts with the Initial keys of its destination connection id: that is
+checked (quic.initial_decrypts) before any connection object is built, so junk that
+merely looks like an Initial costs a key derivation and one AEAD check, not a connection
+(measured by bench/junk.py; figures in docs/transports.md). Everything else is dropped
+at the cost of parsing a header. A connection is handed to the handler once the client
+has opened the ordered stream.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from forkcore.transport import Handler, join_endpoint
 
 from .channel import QuicChannel
 from .engine import Engine
-from .quic import BoundedQuicConnection
+from .quic import BoundedQuicConnection, initial_decrypts
 
 log = logging.getLogger("forkcore.transport.udp")
 
@@ -79,13 +82,22 @@ class UdpListener:
         self._accepting = True
         self._accept_send, self._accept_receive = \
             anyio.create_memory_object_stream[QuicChannel](ACCEPT_BACKLOG)
-        self.dropped = 0  # datagrams that reached no connection
+        # counters (stats()): datagrams that reached no connection, Initial-looking ones
+        # among them that did not decrypt, and QUIC connections ever built
+        self.dropped = 0
+        self.initials_refused = 0
+        self.connections_created = 0
         self._address = address
         self.released = anyio.Event()
 
     @property
     def connection_count(self) -> int:
         return len(self._cids)
+
+    def stats(self) -> dict[str, int]:
+        """The listener's counters, in the server's stats under "transport"."""
+        return {"connections": len(self._cids), "connections_created": self.connections_created,
+                "datagrams_dropped": self.dropped, "initials_refused": self.initials_refused}
 
     # -- the Listener interface -----------------------------------------------------------
 
@@ -137,8 +149,9 @@ class UdpListener:
     # -- routing datagrams ----------------------------------------------------------------
 
     def _datagram(self, data: bytes, addr: Any, now: float) -> None:
+        buf = Buffer(data=data)
         try:
-            header = pull_quic_header(Buffer(data=data),
+            header = pull_quic_header(buf,
                                       host_cid_length=self._configuration.connection_id_length)
         except ValueError:
             self.dropped += 1
@@ -158,7 +171,7 @@ class UdpListener:
         if header.version not in self._configuration.supported_versions:
             self._negotiate_version(header, addr)
             return
-        self._new(data, addr, now, header.destination_cid)
+        self._new(data, addr, now, header, buf.tell())
 
     def _negotiate_version(self, header: Any, addr: Any) -> None:
         packet = encode_quic_version_negotiation(
@@ -169,7 +182,7 @@ class UdpListener:
         except OSError:
             pass
 
-    def _new(self, data: bytes, addr: Any, now: float, original_cid: bytes) -> None:
+    def _new(self, data: bytes, addr: Any, now: float, header: Any, pn_offset: int) -> None:
         options = self._options
         host = str(addr[0])
         refusal = None
@@ -180,7 +193,14 @@ class UdpListener:
         elif self._per_host.get(host, 0) >= options.max_handshakes_per_address:
             self.dropped += 1  # an address with this many handshakes open is not heard
             return
+        original_cid = header.destination_cid
+        if not initial_decrypts(data[:header.packet_length], pn_offset, original_cid,
+                                header.version):
+            self.dropped += 1  # junk that looks like an Initial: no connection for it
+            self.initials_refused += 1
+            return
         quic = self._new_connection(original_cid, _is_loopback(host))
+        self.connections_created += 1
         quic.receive_datagram(data, addr, now)
         if not quic.accepted_a_packet():
             self.dropped += 1
