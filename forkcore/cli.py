@@ -97,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(_COMMANDS[args.command](args) or 0)
     except ForkcoreError as exc:
         if args.debug:
+            trace = getattr(exc, "traceback", None)
+            if isinstance(trace, str) and trace:
+                print(f"forkcore: the server's traceback:\n{trace.rstrip()}", file=sys.stderr)
             raise
         print(f"forkcore: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -228,6 +228,10 @@ class ServerOptions:
     max_activations: int = option(1_000_000, types=(int,), check=at_least_one,
                                   doc="activations at once; the least recently used idle "
                                       "ones are deactivated to make room")
+    debug: bool = option(False, types=(bool,),
+                         doc="failures carry the grain's traceback to the caller "
+                             "(RemoteError.traceback); off by default: tracebacks can show "
+                             "the server's internals")
     interceptors: list[Any] = option(factory=list, types=(list, tuple),
                                      doc="interceptor plugin names (or, from Python, "
                                          "objects), run in order around every served call")

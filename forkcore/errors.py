@@ -31,15 +31,18 @@ class RequestTimeout(ForkcoreError):
 
 
 class RemoteError(ForkcoreError):
-    """The grain raised an exception; `type_name` and `message` describe it."""
+    """The grain raised an exception; `type_name` and `message` describe it, and
+    `traceback` is the server's traceback text when the server runs with `debug = true`
+    (None otherwise: tracebacks can show a server's internals)."""
 
-    def __init__(self, type_name: str, message: str) -> None:
+    def __init__(self, type_name: str, message: str, traceback: str | None = None) -> None:
         super().__init__(f"grain raised {type_name}: {message}")
         self.type_name = type_name
         self.message = message
+        self.traceback = traceback
 
-    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str]]:
-        return (type(self), (self.type_name, self.message))
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str | None]]:
+        return (type(self), (self.type_name, self.message, self.traceback))
 
 
 class MethodNotFound(ForkcoreError):

@@ -340,6 +340,9 @@ class Failure:
     kind: FailureKind | str = field(failure_kind, wire=as_str)
     type_name: str = field(text("type name"))
     message: str = field(text("message", 65536))
+    # more about the failure: {"traceback": text} from a server with `debug = true`
+    details: dict[str, Any] | None = field(optional(mapping("details")), default=None,
+                                           trailing=True)
 
 
 @message(ONE_WAY)

@@ -124,7 +124,9 @@ def failure_error(f: Failure) -> ForkcoreError:
     """The exception a caller sees for a Failure message."""
     kind = f.kind
     if kind is FailureKind.REMOTE:
-        return RemoteError(f.type_name, f.message)
+        trace = (f.details or {}).get("traceback")
+        return RemoteError(f.type_name, f.message,
+                           trace[:65536] if isinstance(trace, str) else None)
     if kind is FailureKind.NOT_FOUND:
         return MethodNotFound(f.message)
     if kind is FailureKind.TIMEOUT:
@@ -343,11 +345,12 @@ class Session:
         self.serving.pop(rid, None)
         return body
 
-    def fail(self, rid: int, kind: FailureKind, type_name: str, message: str) -> bytes:
+    def fail(self, rid: int, kind: FailureKind, type_name: str, message: str,
+             details: dict[str, Any] | None = None) -> bytes:
         """The Failure answering request `rid` of the peer."""
         self.serving.pop(rid, None)
         try:
-            return self.codec.encode(Failure(rid, kind, type_name, message))
+            return self.codec.encode(Failure(rid, kind, type_name, message, details))
         except codec.WireTypeError:
             # an error message that cannot be encoded (lone surrogates): the caller
             # still gets its failure

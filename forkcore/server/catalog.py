@@ -29,6 +29,7 @@ from ..grains import Grain, GrainId, InterfaceSpec, Key
 from ..interceptors import CallInfo, run_chain
 from ..protocol.messages import FailureKind
 from ..security import ANONYMOUS, Identity, reset_caller, set_caller
+from .reports import Reports, traceback_text
 from .workers import WorkerPool
 
 log = logging.getLogger("forkcore.server.catalog")
@@ -74,18 +75,21 @@ class InterceptorError(Exception):
         self.error = error
 
 
-def failure_of(exc: BaseException) -> tuple[FailureKind, str, str]:
-    """(failure kind, type name, message) of an exception that ended a call."""
+def failure_of(exc: BaseException, debug: bool = False
+               ) -> tuple[FailureKind, str, str, str | None]:
+    """(failure kind, type name, message, remote traceback) of an exception that ended a
+    call; the traceback only with `debug` (it can show the server's internals)."""
+    trace = traceback_text(exc) if debug else None
     if type(exc) is InterceptorError:
         error = exc.error
         if isinstance(error, RemoteError):
-            return (FailureKind.REMOTE, error.type_name, error.message)
+            return (FailureKind.REMOTE, error.type_name, error.message, trace)
         kind = (FailureKind.UNAUTHORIZED if isinstance(error, Unauthorized) else
                 FailureKind.TIMEOUT if isinstance(error, RequestTimeout) else
                 FailureKind.NOT_FOUND if isinstance(error, MethodNotFound) else
                 FailureKind.ERROR)
-        return (kind, type(error).__name__, str(error))
-    return (FailureKind.REMOTE, type(exc).__name__, str(exc))
+        return (kind, type(error).__name__, str(error), trace)
+    return (FailureKind.REMOTE, type(exc).__name__, str(exc), trace)
 
 
 class Call:
@@ -143,8 +147,10 @@ class Catalog:
 
     def __init__(self, hosted: Mapping[str, tuple[InterfaceSpec, type[Grain]]],
                  task_group: anyio.abc.TaskGroup, max_activations: int = 1_000_000,
-                 interceptors: Sequence[Any] = ()) -> None:
+                 interceptors: Sequence[Any] = (), debug: bool = False) -> None:
         self.hosted = hosted
+        self.debug = debug  # failures carry the remote traceback (it can leak internals)
+        self.reports = Reports()
         self.interceptors = list(interceptors)
         self._tg = task_group
         self._workers = WorkerPool(task_group)
@@ -296,6 +302,9 @@ class Catalog:
                             deadline = call.deadline
                             if deadline <= clock():
                                 if call.reply is not None:
+                                    self.reports.timed_out(act.grain_id, call.method,
+                                                           "it waited in the grain's queue "
+                                                           "past its deadline")
                                     call.reply(False, (
                                         FailureKind.TIMEOUT, "RequestTimeout",
                                         "the call's deadline passed while it waited in the "
@@ -323,12 +332,11 @@ class Catalog:
                                         *call.args, **call.kwargs)
                             except Exception as exc:
                                 reply, call.reply = call.reply, None
+                                if type(exc) is not InterceptorError:
+                                    self.reports.raised(act.grain_id, call.method, exc,
+                                                        reply is None)
                                 if reply is not None:
-                                    reply(False, failure_of(exc))
-                                else:
-                                    log.warning("one-way call %s.%s failed: %s: %s",
-                                                act.grain_id, call.method,
-                                                type(exc).__name__, exc)
+                                    reply(False, failure_of(exc, self.debug))
                                 continue
                             finally:
                                 call.scope = None
@@ -345,7 +353,7 @@ class Catalog:
                             self._finished()
                             if call.done is not None:
                                 call.done()
-                self._answer_expired(call)
+                self._answer_expired(act, call)
         finally:
             if first_context_token is not None:
                 leave_served(first_context_token)
@@ -374,9 +382,18 @@ class Catalog:
                 raise
             raise InterceptorError(exc) from exc
 
-    def _answer_expired(self, call: Call) -> None:
-        """Answer a call whose work the watcher cancelled at its deadline."""
+    def _answer_expired(self, act: Activation, call: Call) -> None:
+        """Answer a call whose work the watcher cancelled at its deadline (and report a
+        call its caller cancelled)."""
+        if call.cancelled and call.scope is None and not call.expired:
+            if call.reply is not None:
+                call.reply = None
+                self.reports.cancelled(act.grain_id, call.method)
+            return
         if call.expired and not call.cancelled and call.reply is not None:
+            self.reports.timed_out(act.grain_id, call.method,
+                                   "the grain did not finish before the caller's deadline; "
+                                   "its work was cancelled")
             reply, call.reply = call.reply, None
             try:
                 reply(False, (FailureKind.TIMEOUT, "RequestTimeout",

@@ -96,7 +96,7 @@ class ServerConnection:
         while outgoing:
             self.send(outgoing.pop(0))
 
-    def reply_for(self, request_id: int) -> Any:
+    def reply_for(self, request_id: int, interface: str, method: str) -> Any:
         session = self.session
         respond = session.respond
         channel = self.channel
@@ -106,6 +106,7 @@ class ServerConnection:
                 try:
                     body = respond(request_id, value)
                 except codec.WireTypeError as exc:
+                    self.server.catalog.reports.unencodable(interface, method, exc)
                     self.send(session.fail(request_id, FailureKind.REMOTE, "WireTypeError",
                                            str(exc)))
                     return
@@ -114,11 +115,12 @@ class ServerConnection:
                 except ConnectError:
                     pass
             else:
-                kind, type_name, message = value
+                kind, type_name, message, *more = value
                 if len(message) > MAX_ERROR_MESSAGE:
                     message = message[:MAX_ERROR_MESSAGE] + " [truncated]"
-                self.send(session.fail(request_id, kind, type_name[:256],
-                                       message))
+                trace = more[0] if more else None
+                self.send(session.fail(request_id, kind, type_name[:256], message,
+                                       {"traceback": trace[-65536:]} if trace else None))
 
         return reply
 
@@ -226,7 +228,8 @@ class ServerConnection:
                                         verdict.message))
             return None
         deadline = math.inf if timeout is None else clock() + timeout
-        call = Call(method, args, kwargs, deadline, self.reply_for(rid), identity, None,
+        call = Call(method, args, kwargs, deadline, self.reply_for(rid, interface, method),
+                    identity, None,
                     headers.get(HEADER_CONTEXT) if headers is not None else None)
         server.catalog.submit(interface, key, call, verdict is True)
         return call

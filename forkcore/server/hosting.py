@@ -18,36 +18,57 @@ from ..grains import Grain, InterfaceSpec, is_reentrant
 from ..security import Role, required_role
 
 
-def find_grain_classes(grains: Iterable[Any]) -> list[type[Grain]]:
-    """Grain classes from a mix of classes and module names (or modules)."""
+def find_grain_classes(grains: Iterable[Any], where: str = "grains") -> list[type[Grain]]:
+    """Grain classes from a mix of classes and module names (or modules); errors start
+    with `where` (e.g. "server.toml: [server] key 'grains'")."""
     found: list[type[Grain]] = []
     for item in grains:
         if isinstance(item, type):
             if not issubclass(item, Grain) or not item.__forkcore_interfaces__:
-                raise ConfigError(f"grains: {item.__qualname__} is not a Grain implementing a "
-                                  "GrainInterface")
+                raise ConfigError(f"{where}: {item.__qualname__} is not a Grain implementing "
+                                  "a GrainInterface")
             found.append(item)
             continue
-        module = item if isinstance(item, types.ModuleType) else _import(item)
+        module = item if isinstance(item, types.ModuleType) else _import(item, where)
         classes = [obj for obj in vars(module).values()
                    if isinstance(obj, type) and issubclass(obj, Grain)
                    and obj.__module__ == module.__name__ and obj.__forkcore_interfaces__
                    and not inspect.isabstract(obj)]
         if not classes:
-            raise ConfigError(f"grains: module {module.__name__!r} defines no Grain class "
+            raise ConfigError(f"{where}: module {module.__name__!r} defines no Grain class "
                               "implementing a GrainInterface")
         found.extend(classes)
     return list(dict.fromkeys(found))
 
 
-def _import(name: Any) -> types.ModuleType:
+def _import(name: Any, where: str) -> types.ModuleType:
+    """Import a grains module; say which of three things went wrong: the module itself
+    is not found, something it imports is missing, or its code is broken."""
     if not isinstance(name, str) or not name:
-        raise ConfigError(f"grains: {name!r} is neither a module name nor a Grain class")
+        raise ConfigError(f"{where}: {name!r} is neither a module name nor a Grain class")
     try:
         return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and not (name == missing or name.startswith(missing + ".")):
+            raise ConfigError(f"{where}: module {name!r} imports {missing!r}, which is not "
+                              f"installed: install it (pip install {missing.split('.')[0]}) "
+                              "in the environment that runs the server") from None
+        raise ConfigError(f"{where}: cannot import module {name!r}: {exc}; is it installed "
+                          "or on PYTHONPATH (run from the directory that contains it, or set "
+                          "PYTHONPATH)?") from None
+    except SyntaxError as exc:
+        raise ConfigError(f"{where}: module {name!r} has a syntax error at {exc.filename}, "
+                          f"line {exc.lineno}: {exc.msg}") from None
     except ImportError as exc:
-        raise ConfigError(f"grains: cannot import module {name!r}: {exc}; is it installed or on "
-                          "PYTHONPATH (run from the directory that contains it)?") from None
+        raise ConfigError(f"{where}: cannot import module {name!r}: {exc}") from None
+    except Exception as exc:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        place = f" ({tb.tb_frame.f_code.co_filename}, line {tb.tb_lineno})" if tb else ""
+        raise ConfigError(f"{where}: importing module {name!r} raised "
+                          f"{type(exc).__name__}: {exc}{place}") from None
 
 
 def host_table(classes: Iterable[type[Grain]]) -> dict[str, tuple[InterfaceSpec, type[Grain]]]:

@@ -74,7 +74,11 @@ class Server:
         self.id = options.id
         self.transport = create("transport", options.transport, options.transport_options,
                                 where, "transport", "transport_options")
-        self.hosted = host_table(find_grain_classes(options.grains))
+        self.hosted = host_table(find_grain_classes(options.grains, f"{where} key 'grains'"))
+        if not self.hosted:
+            log.warning("%s: server %s hosts no grains: every call to it will fail with "
+                        "MethodNotFound; list your grain modules in [server] grains", where,
+                        options.id)
         self.targets = Targets(options.id, self.hosted)
         self.interceptors = create_interceptors(options.interceptors,
                                                options.interceptor_options, where)
@@ -152,7 +156,7 @@ class Server:
             self.endpoint = self._listener.endpoint
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             self.catalog = Catalog(self.hosted, self._tg, self.options.max_activations,
-                                   self.interceptors)
+                                   self.interceptors, self.options.debug)
             self._stop = anyio.Event()
             self._started_at = clock()
             self._served = anyio.Event()
