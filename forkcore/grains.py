@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import uuid
 from collections.abc import Callable, Mapping
 from enum import StrEnum
@@ -107,6 +108,9 @@ class MethodSpec:
     one_way: bool = False
     idempotent: bool = False
     timeout: float | None = None
+    # raises TypeError, as Python would, for arguments the interface's signature refuses
+    check_arguments: Callable[[tuple[Any, ...], dict[str, Any]], None] | None = attrs.field(
+        default=None, eq=False, repr=False)
 
     @property
     def waits_for_result(self) -> bool:
@@ -219,8 +223,39 @@ def _collect_methods(cls: type) -> dict[str, MethodSpec]:
                     )
                 continue
             options = getattr(value, "__forkcore_rpc__", {})
-            methods[attr] = MethodSpec(attr, **options)
+            methods[attr] = MethodSpec(attr, **options,
+                                       check_arguments=argument_checker(cls, attr, value))
     return methods
+
+
+def argument_checker(cls: type, name: str, stub: Callable[..., Any]
+                     ) -> Callable[[tuple[Any, ...], dict[str, Any]], None]:
+    """A check of call arguments against `stub`'s signature that costs one comparison for
+    the common call (positional arguments only, a count the signature takes) and binds
+    the signature otherwise, so the caller gets Python's own TypeError, locally, instead
+    of `grain raised TypeError` after a round trip."""
+    signature = inspect.signature(stub)
+    params = list(signature.parameters.values())[1:]  # without self
+    signature = signature.replace(parameters=params)
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    fewest: float = sum(1 for p in positional if p.default is inspect.Parameter.empty)
+    if any(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
+           for p in params):
+        fewest = math.inf  # a required keyword-only argument: always bind
+    most = math.inf if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params) \
+        else len(positional)
+    qualname = f"{cls.__qualname__}.{name}()"
+
+    def check(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not kwargs and fewest <= len(args) <= most:
+            return
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{qualname}: {exc}") from None
+
+    return check
 
 
 def interface_spec(interface: type[GrainInterface] | Any) -> InterfaceSpec:

@@ -225,6 +225,8 @@ class Client:
         check_key(key)
         spec = known_interface(interface_name)
         method = spec.methods.get(method_name) if spec is not None else None
+        if method is not None and method.check_arguments is not None:
+            method.check_arguments(args, kwargs)
         return await self.invoke(GrainId(interface_name, key), None,
                                  method or MethodSpec(method_name), list(args), kwargs)
 

@@ -33,7 +33,11 @@ _proxies: dict[int, tuple[InterfaceSpec, type]] = {}
 def _forwarder(method: MethodSpec) -> Any:
     # a plain function returning the client's coroutine: awaiting it is the same, and
     # a suspended call resumes through one frame fewer
+    check = method.check_arguments
+
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if check is not None:
+            check(args, kwargs)  # a wrong call is the caller's TypeError, raised here
         ref: GrainRef = self._ref
         return ref.client.invoke(ref.grain_id, ref.affinity, method, list(args), kwargs)
 
