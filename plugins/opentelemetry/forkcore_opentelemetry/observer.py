@@ -21,6 +21,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final
 
@@ -34,12 +35,13 @@ from opentelemetry.metrics import (
     MeterProvider,
     Observation,
 )
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProvider
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 
 from forkcore.errors import ConfigError
 from forkcore.grains import GrainId
 
 __all__ = [
+    "CALL_SPAN",
     "DURATION_BUCKETS",
     "INSTRUMENTATION_NAME",
     "OpenTelemetryObserver",
@@ -84,6 +86,11 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     _VERSION = ""
 
 _clock = time.perf_counter
+
+#: (grain id, span) while the `opentelemetry` interceptor's CLIENT span of a call is open:
+#: the observer then adds to that span instead of starting a second one for the call.
+CALL_SPAN: ContextVar[tuple[GrainId, Span] | None] = ContextVar("forkcore_otel_call_span",
+                                                                default=None)
 
 Attrs = Mapping[str, Any]
 
@@ -305,6 +312,14 @@ class OpenTelemetryObserver:
         route.tally.in_flight += 1
         tracer = self._tracer
         if tracer is None:
+            return (route, None, _clock())
+        outer = CALL_SPAN.get()
+        if outer is not None and outer[0] is grain_id:
+            # the interceptor's span of this call: one span per call, ours adds the server
+            # (of the last attempt) and leaves ending and the status to the interceptor
+            span = outer[1]
+            if span.is_recording():
+                span.set_attribute(ATTR_SERVER_ID, server_id)
             return (route, None, _clock())
         attrs = route.span_attrs.copy()
         attrs[ATTR_GRAIN_KEY_HASH] = f"{grain_id.stable_hash:016x}"

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from forkcore import hookimpl
-from forkcore.interfaces import RegisterObserver
+from forkcore.interfaces import RegisterInterceptor, RegisterObserver
 
+from .interceptor import opentelemetry_interceptor
 from .observer import opentelemetry_observer
 
 
 @hookimpl
 def forkcore_register_observers(register: RegisterObserver) -> None:
     register("opentelemetry", opentelemetry_observer)
+
+
+@hookimpl
+def forkcore_register_interceptors(register: RegisterInterceptor) -> None:
+    register("opentelemetry", opentelemetry_interceptor)
