@@ -30,7 +30,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .clock import now as clock
 from .errors import ConfigError, ConnectError, ProtocolError
 from .interfaces import Channel, Handler, Listener, Transport
-from .protocol.framing import DEFAULT_MAX_FRAME_SIZE, HEADER, FrameDecoder
+from .protocol.framing import DEFAULT_MAX_FRAME_SIZE, HEADER, PREAMBLE, FrameDecoder, WrongPeer
 
 log = logging.getLogger("forkcore.transport")
 
@@ -64,12 +64,15 @@ class StreamChannel:
     SEND_PIECE = 256 * 1024
 
     def __init__(self, stream: Any, peer: str, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-                 send_timeout: float | None = None):
+                 send_timeout: float | None = None, side: str = "client"):
         self.peer = peer
+        # each side starts with the preamble; what the other side is, for messages
+        self._preamble_out = PREAMBLE
+        self._other = "server" if side == "client" else "client"
         self.received_at = clock()
         self._send_timeout = send_timeout
         self._stream = stream
-        self._decoder = FrameDecoder(max_frame_size)
+        self._decoder = FrameDecoder(max_frame_size, preamble=True)
         self._frames: deque[bytes] = deque()
         self._pending: list[bytes] = []
         # bytes in `_pending` plus those of the write in progress (what drain() bounds)
@@ -94,10 +97,10 @@ class StreamChannel:
     @asynccontextmanager
     async def open(
         cls, stream: Any, peer: str, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-        send_timeout: float | None = None,
+        send_timeout: float | None = None, side: str = "client",
     ) -> AsyncIterator[StreamChannel]:
         """Run the channel's writer for the duration of the block; flush, then close."""
-        channel = cls(stream, peer, max_frame_size, send_timeout)
+        channel = cls(stream, peer, max_frame_size, send_timeout, side)
         error: Exception | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(channel._write_loop)
@@ -117,7 +120,12 @@ class StreamChannel:
             raise ConnectError(f"connection to {self.peer} is closed")
         pending = self._pending
         size = len(body)
-        pending.append(HEADER.pack(size))
+        if self._preamble_out:  # the first frame of the connection
+            pending.append(self._preamble_out + HEADER.pack(size))
+            self._pending_bytes += len(self._preamble_out)
+            self._preamble_out = b""
+        else:
+            pending.append(HEADER.pack(size))
         pending.append(body)
         self._pending_bytes += size + 4
         if len(pending) == 2:  # the first frame of this batch
@@ -162,6 +170,13 @@ class StreamChannel:
             self.received_at = clock()
             try:
                 frames.extend(self._decoder.feed(data))
+            except WrongPeer as exc:
+                self._closed = True
+                self._wake.set()
+                message = exc.describe(self.peer, self._other)
+                # a client was pointed at something else: it cannot connect there
+                raise (ConnectError if self._other == "server" else ProtocolError)(
+                    message) from None
             except ProtocolError:
                 self._closed = True
                 self._wake.set()
@@ -252,7 +267,8 @@ async def serve_guarded(
     """Run `handler` on one accepted stream so no error in it reaches the listener; the
     channel drops a peer that takes nothing it is sent for `send_timeout` seconds."""
     try:
-        async with StreamChannel.open(stream, peer, max_frame_size, send_timeout) as channel:
+        async with StreamChannel.open(stream, peer, max_frame_size, send_timeout,
+                                      "server") as channel:
             await handler(channel)
     except Exception:
         logger.exception("connection handler for %s failed", peer)

@@ -16,6 +16,7 @@ import pytest
 
 import forkcore
 from forkcore.context import MAX_BYTES, MAX_ENTRIES
+from forkcore.protocol.framing import PREAMBLE
 from forkcore.protocol.messages import ONE_WAY, REQUEST
 
 pytestmark = pytest.mark.anyio
@@ -269,12 +270,18 @@ class Recorder:
     async def _pipe(self, source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream,
                     record: bool) -> None:
         buffer = b""
+        preamble = True  # the stream starts with forkcore's 4-byte preamble
         try:
             async for chunk in source:
                 await sink.send(chunk)
                 if not record:
                     continue
                 buffer += chunk
+                if preamble:
+                    if len(buffer) < len(PREAMBLE):
+                        continue
+                    assert buffer.startswith(PREAMBLE)
+                    buffer, preamble = buffer[len(PREAMBLE):], False
                 while len(buffer) >= 4:
                     (size,) = struct.unpack(">I", buffer[:4])
                     if len(buffer) < 4 + size:

@@ -50,7 +50,7 @@ from forkcore.errors import ConnectError, ProtocolError
 from forkcore.plugins import create, get_plugin_manager
 from forkcore.protocol import codec
 from forkcore.protocol.connection import ProtocolConnection
-from forkcore.protocol.framing import FrameDecoder, frame
+from forkcore.protocol.framing import PREAMBLE, FrameDecoder, frame
 from forkcore.protocol.messages import (
     PROTOCOL_VERSION,
     AuthChallenge,
@@ -321,7 +321,7 @@ class MemoryRaw(Raw):
 class TcpRaw(Raw):
     def __init__(self, stream: anyio.abc.SocketStream) -> None:
         self.stream = stream
-        self.decoder = FrameDecoder(2**31)
+        self.decoder = FrameDecoder(2**31, preamble=True)
         self.frames: list[bytes] = []
 
     async def send_raw(self, data: bytes) -> None:
@@ -384,6 +384,7 @@ class Harness:
         else:
             host, port = self.endpoint.rsplit(":", 1)
             async with await anyio.connect_tcp(host, int(port)) as stream:
+                await stream.send(PREAMBLE)  # a raw peer that speaks forkcore's framing
                 return await self._attack(TcpRaw(stream), phase, token, sequence)
 
     async def _attack(self, raw: Raw, phase: str, token: str | None,
@@ -626,12 +627,12 @@ async def test_an_active_mitm_cannot_downgrade_a_psk_session() -> None:
 
         async def relay(client: anyio.abc.SocketStream) -> None:
             async with client, await anyio.connect_tcp(host, int(port)) as real:
-                cd, sd = FrameDecoder(), FrameDecoder()
+                cd, sd = FrameDecoder(preamble=True), FrameDecoder(preamble=True)
                 cq: list[bytes] = []
                 sq: list[bytes] = []
                 with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-                    await real.send(frame(await read(client, cd, cq)))  # Hello
-                    await client.send(frame(await read(real, sd, sq)))  # AuthChallenge
+                    await real.send(PREAMBLE + frame(await read(client, cd, cq)))  # Hello
+                    await client.send(PREAMBLE + frame(await read(real, sd, sq)))  # Challenge
                     await real.send(frame(await read(client, cd, cq)))  # AuthProof
                     await read(real, sd, sq)  # the sealed Welcome, dropped
                     await client.send(frame(body_of(server.welcome)))  # a plaintext one

@@ -39,7 +39,7 @@ import forkcore
 from forkcore.errors import ProtocolError
 from forkcore.protocol import codec
 from forkcore.protocol.connection import ProtocolConnection
-from forkcore.protocol.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder
+from forkcore.protocol.framing import DEFAULT_MAX_FRAME_SIZE, PREAMBLE, FrameDecoder
 from forkcore.protocol.messages import (
     PROTOCOL_VERSION,
     Goodbye,
@@ -65,6 +65,14 @@ MESSAGE_TYPES = typing.get_args(Message)
 
 def frame(body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + body
+
+
+async def connect_raw(endpoint: str) -> anyio.abc.SocketStream:
+    """A raw connection that has sent the preamble (section 2 of docs/protocol.md), so
+    what a test sends next is judged as frames and messages."""
+    stream = await anyio.connect_tcp(*split(endpoint))
+    await stream.send(PREAMBLE)
+    return stream
 
 
 def body_of(msg: Any) -> bytes:
@@ -165,7 +173,7 @@ async def read_until_closed(stream: anyio.abc.SocketStream, deadline: float,
 
 async def send_expect_close(endpoint: str, payload: bytes, what: str,
                             deadline: float = CLOSE_DEADLINE) -> bytes:
-    async with await anyio.connect_tcp(*split(endpoint)) as stream:
+    async with await connect_raw(endpoint) as stream:
         try:
             await stream.send(payload)
         except anyio.BrokenResourceError:
@@ -177,7 +185,7 @@ async def handshake(stream: anyio.abc.SocketStream) -> Welcome:
     """Do a correct handshake on a raw socket; the server's Welcome."""
     proto = ProtocolConnection("client")
     await stream.send(frame(proto.encode(hello())))
-    decoder = FrameDecoder()
+    decoder = FrameDecoder(preamble=True)
     with anyio.fail_after(WAIT):
         while True:
             frames = decoder.feed(await stream.receive())
@@ -191,7 +199,7 @@ async def handshake(stream: anyio.abc.SocketStream) -> Welcome:
 
 async def handshake_then_expect_close(endpoint: str, payload: bytes, what: str,
                                       deadline: float = CLOSE_DEADLINE) -> bytes:
-    async with await anyio.connect_tcp(*split(endpoint)) as stream:
+    async with await connect_raw(endpoint) as stream:
         welcome = await handshake(stream)
         assert welcome.server_id == "hostile-target"
         try:
@@ -432,7 +440,7 @@ async def test_stalled_half_frames() -> None:
 
     async def stall(endpoint: str) -> None:
         nonlocal opened
-        async with await anyio.connect_tcp(*split(endpoint)) as stream:
+        async with await connect_raw(endpoint) as stream:
             await stream.send(payload)
             opened += 1
             await read_until_closed(stream, handshake_timeout + CLOSE_DEADLINE,

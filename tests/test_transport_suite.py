@@ -22,6 +22,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 import forkcore.plugins
 from forkcore.errors import ConnectError, ProtocolError
+from forkcore.protocol.framing import PREAMBLE
 
 pytestmark = pytest.mark.anyio
 
@@ -398,7 +399,7 @@ async def test_tcp_wire_format_and_coalesced_burst() -> None:
     loop turn arrives complete and in order on a raw socket."""
     transport = make_transport("tcp")
     frames = [b"frame-%d" % i * (i % 5) for i in range(1000)]
-    expected = b"".join(struct.pack(">I", len(f)) + f for f in frames)
+    expected = PREAMBLE + b"".join(struct.pack(">I", len(f)) + f for f in frames)
     async with serving(transport) as served:
         host, port = served.endpoint.rsplit(":", 1)
         async with await anyio.connect_tcp(host, int(port)) as raw:
@@ -488,13 +489,13 @@ async def test_a_frame_written_in_part_is_not_overtaken() -> None:
             await anyio.lowlevel.checkpoint()
             channel.send(frames[2])
             stream.release.set()
-    assert bytes(stream.wire) == b"".join(HEADER.pack(len(f)) + f for f in frames)
+    assert bytes(stream.wire) == PREAMBLE + b"".join(HEADER.pack(len(f)) + f for f in frames)
 
 
 async def test_tcp_frames_split_across_writes_are_reassembled() -> None:
     transport = make_transport("tcp")
     frames = [b"", b"a", b"hello world", bytes(range(256)) * 10]
-    wire = b"".join(struct.pack(">I", len(f)) + f for f in frames)
+    wire = PREAMBLE + b"".join(struct.pack(">I", len(f)) + f for f in frames)
     async with serving(transport) as served:
         host, port = served.endpoint.rsplit(":", 1)
         async with await anyio.connect_tcp(host, int(port)) as raw:
@@ -516,6 +517,6 @@ async def test_tcp_oversized_length_prefix_fails_before_the_body() -> None:
         host, port = served.endpoint.rsplit(":", 1)
         async with await anyio.connect_tcp(host, int(port)) as raw:
             server = (await served.accept()).channel
-            await raw.send(b"\xff\xff\xff\xff")
+            await raw.send(PREAMBLE + b"\xff\xff\xff\xff")
             with anyio.fail_after(PROMPT), pytest.raises(ProtocolError):
                 await server.receive()

@@ -301,7 +301,8 @@ class Client:
                 raise
             except RequestTimeout as exc:
                 error = exc
-                self._upkeep.failed(state)
+                if not getattr(exc, "remote", False):  # not an interceptor's refusal
+                    self._upkeep.failed(state)
                 raise
             except BaseException as exc:
                 error = exc

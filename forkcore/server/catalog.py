@@ -24,7 +24,7 @@ from anyio.lowlevel import checkpoint
 
 from ..clock import now as clock
 from ..context import enter_served, leave_served
-from ..errors import ForkcoreError, MethodNotFound, RemoteError, RequestTimeout, Unauthorized
+from ..errors import ForkcoreError, MethodNotFound, RemoteError, Unauthorized
 from ..grains import Grain, GrainId, InterfaceSpec, Key
 from ..interceptors import CallInfo, run_chain
 from ..protocol.messages import FailureKind
@@ -84,8 +84,9 @@ def failure_of(exc: BaseException, debug: bool = False
         error = exc.error
         if isinstance(error, RemoteError):
             return (FailureKind.REMOTE, error.type_name, error.message, trace)
+        # (a RequestTimeout of an interceptor's goes as `error`: the caller must not take
+        # it for the server being slow, which counts towards ejecting it)
         kind = (FailureKind.UNAUTHORIZED if isinstance(error, Unauthorized) else
-                FailureKind.TIMEOUT if isinstance(error, RequestTimeout) else
                 FailureKind.NOT_FOUND if isinstance(error, MethodNotFound) else
                 FailureKind.ERROR)
         return (kind, type(error).__name__, str(error), trace)

@@ -51,8 +51,10 @@ class Reports:
         note = self._due("raised", grain_id.interface, method)
         if note is not None:
             kind = "one-way call" if one_way else "call"
-            log.warning("%s %s.%s raised %s: %s%s", kind, grain_id, method,
-                        type(exc).__name__, exc, note, exc_info=exc)
+            # the traceback in the message, not as exc_info: a grain's exception is the
+            # grain's, and log filters that flag our own errors by exc_info stay quiet
+            log.warning("%s %s.%s raised %s: %s%s\n%s", kind, grain_id, method,
+                        type(exc).__name__, exc, note, traceback_text(exc).rstrip())
 
     def timed_out(self, grain_id: Any, method: str, why: str) -> None:
         note = self._due("timeout", grain_id.interface, method)

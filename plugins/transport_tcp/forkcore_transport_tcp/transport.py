@@ -212,9 +212,12 @@ class TcpTransport:
                 "and reachable?"
             ) from None
         except OSError as exc:
+            hint = ("; if the server uses another transport (a udp server takes no tcp "
+                    "connections), set the same `transport` in [client]"
+                    if isinstance(exc, ConnectionRefusedError) else "")
             raise ConnectError(
                 f"cannot connect to {endpoint}: {exc.strerror or exc}; is a forkcore server "
-                "listening there?"
+                f"listening there?{hint}"
             ) from None
         _nodelay(raw)
         stream: anyio.abc.ByteStream = raw

@@ -321,14 +321,16 @@ class TlsMitm:
                     tg.cancel_scope.cancel()
 
     async def _pump(self, source: Any, sink: Any, direction: str) -> None:
-        decoder = FrameDecoder()
+        decoder = FrameDecoder(preamble=True)
+        preamble = framing.PREAMBLE  # relayed with the first frame
         with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, ssl.SSLError,
                                  OSError):
             while True:
                 for body in decoder.feed(await source.receive()):
                     body = self._change(direction, len(self.seen[direction]), body)
                     self.seen[direction].append(body)
-                    await sink.send(framing.frame(body))
+                    await sink.send(preamble + framing.frame(body))
+                    preamble = b""
 
     def _change(self, direction: str, index: int, body: bytes) -> bytes:
         if index != 0:

@@ -184,7 +184,8 @@ class UdpTransport:
 
             def socket_error(exc: OSError) -> None:
                 channel.abort(f"nothing answers at {endpoint} ({exc.strerror or exc}); is a "
-                              "forkcore udp server listening there?")
+                              "forkcore udp server listening there? (a tcp server does not "
+                              "answer udp: set the same `transport` in [client])")
 
             engine = Engine(sock, datagram, socket_error, connected=True)
             channel = self._channel(quic, peer=endpoint, addr=addr, touch=engine.touch)
