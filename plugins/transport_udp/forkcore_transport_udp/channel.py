@@ -14,11 +14,19 @@ Outbound, by delivery mode:
 
 Inbound, every message from every stream and datagram is queued in arrival order for
 `receive()`; taking a message is what opens the peer's flow-control windows again.
+
+Liveness: `received_at` is the `time.monotonic()` time of the last packet from the peer
+that decrypted, whatever it carried (stream bytes, a datagram, an acknowledgement, a
+PING). Unlike TCP, whose kernel acknowledges for a frozen process, every QUIC packet comes
+from the peer's own event loop, so it is proof of life; and the QUIC PING sent every
+`ping_interval` makes the peer answer with an acknowledgement even while a forkcore Pong
+waits behind a large message on the ordered stream.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -53,9 +61,6 @@ class QuicChannel:
     UNORDERED_AHEAD = 64 * 1024
     FLUSH_TIMEOUT = 1.0  # seconds a closing channel waits for its data to be acknowledged
     DATAGRAMS_HELD = 8  # datagrams handed to aioquic ahead of sending
-    # Channel.received_at; a placeholder (the client then counts whole messages only)
-    # until the udp side of issue 12 sets it per datagram
-    received_at = 0.0
 
     def __init__(self, quic: BoundedQuicConnection, *, peer: str, addr: Address,
                  is_client: bool, max_frame_size: int, ping_interval: float,
@@ -79,6 +84,7 @@ class QuicChannel:
         self.on_end: Callable[[QuicChannel], None] | None = None
         self.on_connection_id: Callable[[bytes, bool], None] | None = None
         self.deadline_at: float | None = None  # server: handshake must be done by then
+        self.received_at = time.monotonic()  # last packet from the peer (see the docstring)
         self._closing = False  # sends refused; flushing before the close
         self._local_closed = False  # receive() refused
         self._close_sent = anyio.Event()
@@ -237,7 +243,11 @@ class QuicChannel:
         return self.state == "closed" and (not self._close_pending or self._close_sent.is_set())
 
     def datagram_received(self, data: bytes, addr: Address, now: float) -> None:
-        self.quic.receive_datagram(data, addr, now)
+        quic = self.quic
+        heard = quic.heard
+        quic.receive_datagram(data, addr, now)
+        if quic.heard != heard:  # a packet decrypted
+            self.received_at = time.monotonic()
         self.process_events()
         if self._closing and not self._progress.is_set():
             self._progress.set()

@@ -13,9 +13,10 @@ pyproject.toml and tests/test_quic_internals.py checks them):
 - Acknowledgements ride on outgoing data instead of waiting for the ack delay
   (acknowledge_with_data), which halves the packets of a request and its response.
 - The peer's announced max_ack_delay is capped (see _parse_transport_parameters).
-- Accessors: the termination cause as soon as it is known (aioquic reports it only after
-  the closing period), the peer's certificate, the peer's datagram frame limit, the
-  datagrams aioquic still holds, and whether everything sent has been acknowledged.
+- Accessors: whether a datagram decrypted (`heard`), the termination cause as soon as
+  it is known (aioquic reports it only after the closing period), the peer's
+  certificate, the peer's datagram frame limit, the datagrams aioquic still holds, and
+  whether everything sent has been acknowledged.
 - `initial_decrypts`: whether a client Initial opens with the keys its destination
   connection id gives (aioquic's initial salts), checked before any connection is built.
 """
@@ -198,6 +199,13 @@ class BoundedQuicConnection(QuicConnection):
             max_data.used = used
 
     # -- accessors --------------------------------------------------------------------
+
+    @property
+    def heard(self) -> float | None:
+        """Changes whenever a packet from the peer decrypts (aioquic then moves the idle
+        deadline); compared before and after `receive_datagram`, it is the cheapest
+        "did that datagram come from the peer?"."""
+        return self._close_at
 
     def accepted_a_packet(self) -> bool:
         """Has any packet decrypted? (A datagram that only looks like an Initial has not.)"""

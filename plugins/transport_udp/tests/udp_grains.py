@@ -12,6 +12,7 @@ import forkcore
 class IGame(forkcore.GrainInterface, name="udptest.game"):
     async def add(self, amount: int) -> int: ...
     async def echo(self, value: Any) -> Any: ...
+    async def blob(self, size: int) -> bytes: ...
     async def log(self) -> dict[str, list[int]]: ...
     async def sleep(self, seconds: float) -> str: ...
     @forkcore.rpc(delivery="sequenced")
@@ -36,6 +37,9 @@ class Game(forkcore.Grain, IGame):
 
     async def echo(self, value: Any) -> Any:
         return value
+
+    async def blob(self, size: int) -> bytes:
+        return bytes(size)
 
     async def log(self) -> dict[str, list[int]]:
         return self.seen

@@ -4,7 +4,10 @@ Clients send to `relay.endpoint`; each client address gets its own upstream sock
 the server, so the server sees one address per client, as without the relay. Every
 datagram, in each direction, is dropped with probability `loss`, sent twice with
 probability `duplicate`, and delayed by a uniform random `jitter` (so datagrams overtake
-each other). Decisions come from one seeded `random.Random` per direction.
+each other). Decisions come from one seeded `random.Random` per direction. With `rate`
+(bytes per second, each direction) the relay is also a bottleneck link: datagrams leave
+one after another at that rate, and one that would wait behind more than `queue` bytes
+is dropped, as a router's full queue drops it.
 """
 
 from __future__ import annotations
@@ -20,17 +23,28 @@ import anyio.abc
 
 
 class Direction:
-    def __init__(self, seed: int, loss: float, duplicate: float, jitter: float) -> None:
+    def __init__(self, seed: int, loss: float, duplicate: float, jitter: float,
+                 rate: float | None = None, queue: int = 256 * 1024) -> None:
         self.rng = random.Random(seed)
         self.loss = loss
         self.duplicate = duplicate
         self.jitter = jitter
+        self.rate = rate
+        self.queue = queue
         self.passed = self.dropped = self.duplicated = self.reordered = 0
         self._last_delivered = -1
+        self._link_free_at = 0.0  # with `rate`: when the link has sent what it holds
 
-    def plan(self, now: float) -> list[float]:
-        """When to deliver one datagram (empty: drop it)."""
+    def plan(self, now: float, size: int = 0) -> list[float]:
+        """When to deliver one datagram of `size` bytes (empty: drop it)."""
         rng = self.rng
+        if self.rate is not None:
+            start = max(now, self._link_free_at)
+            if (start - now) * self.rate > self.queue:
+                self.dropped += 1
+                return []
+            self._link_free_at = start + size / self.rate
+            now = self._link_free_at
         if rng.random() < self.loss:
             self.dropped += 1
             return []
@@ -49,11 +63,12 @@ class Direction:
 
 class LossyRelay:
     def __init__(self, upstream: str, *, seed: int = 1, loss: float = 0.1,
-                 duplicate: float = 0.05, jitter: float = 0.004) -> None:
+                 duplicate: float = 0.05, jitter: float = 0.004, rate: float | None = None,
+                 queue: int = 256 * 1024) -> None:
         host, port = upstream.rsplit(":", 1)
         self.upstream = (host, int(port))
-        self.up = Direction(seed, loss, duplicate, jitter)
-        self.down = Direction(seed + 1, loss, duplicate, jitter)
+        self.up = Direction(seed, loss, duplicate, jitter, rate, queue)
+        self.down = Direction(seed + 1, loss, duplicate, jitter, rate, queue)
         self.blackhole = False  # drop everything, both ways
         self.endpoint = ""
         self._front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -107,7 +122,7 @@ class LossyRelay:
             direction.dropped += 1
             return
         index = next(self._index)
-        for when in direction.plan(anyio.current_time()):
+        for when in direction.plan(anyio.current_time(), len(data)):
             heapq.heappush(self._queue, (when, next(self._order), index, direction, out, data,
                                          to))
         self._wake.set()
