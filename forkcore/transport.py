@@ -71,6 +71,7 @@ class StreamChannel:
         self._other = "server" if side == "client" else "client"
         self.received_at = clock()
         self._send_timeout = send_timeout
+        self._piece_since: float | None = None  # a piece is going out since (watchdog)
         self._stream = stream
         self._decoder = FrameDecoder(max_frame_size, preamble=True)
         self._frames: deque[bytes] = deque()
@@ -104,6 +105,8 @@ class StreamChannel:
         error: Exception | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(channel._write_loop)
+            if send_timeout is not None:
+                tg.start_soon(channel._watch_sends, send_timeout)
             try:
                 yield channel
             except Exception as exc:
@@ -208,19 +211,11 @@ class StreamChannel:
                         await self._stream.send(data)
                         self._pending_bytes -= len(data)
                     else:
-                        await self._send_in_pieces(data, self._send_timeout)
+                        await self._send_in_pieces(data)
                 finally:
                     self._writing = False
                 if self._pending_bytes <= self.HIGH_WATER:
                     self._drained.set()
-        except _SendStalled as exc:
-            log.warning("closing connection to %s: it took none of the %d bytes queued for "
-                        "it for %gs (send_timeout): it stopped reading", self.peer,
-                        self._pending_bytes, exc.timeout)
-            self._error = exc
-            self._closed = True
-            self._drained.set()
-            await self._stream.aclose()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream,
                 OSError) as exc:
             self._error = exc
@@ -230,18 +225,36 @@ class StreamChannel:
         finally:
             self._writer_done.set()
 
-    async def _send_in_pieces(self, data: bytes, timeout: float) -> None:
-        """Write `data`; `_SendStalled` when the peer takes none of a piece in `timeout`."""
+    async def _send_in_pieces(self, data: bytes) -> None:
+        """Write `data` a piece at a time, each piece's start noted for the watchdog."""
         piece_size = self.SEND_PIECE
         for start in range(0, len(data), piece_size):
             piece = data if len(data) <= piece_size else data[start:start + piece_size]
-            with anyio.move_on_after(timeout) as scope:
-                await self._stream.send(piece)
-            if scope.cancelled_caught:
-                raise _SendStalled(timeout)
+            self._piece_since = clock()
+            await self._stream.send(piece)
+            self._piece_since = None
             self._pending_bytes -= len(piece)
             if self._pending_bytes <= self.HIGH_WATER:
                 self._drained.set()
+
+    async def _watch_sends(self, timeout: float) -> None:
+        """Close the stream when a piece has been going out for `timeout` seconds: the
+        peer stopped reading. One task per channel that wakes a few times per timeout,
+        instead of a cancel scope around every write (which would cost more than the
+        rest of a small call)."""
+        while not self._closed:
+            await anyio.sleep(min(timeout / 4, 1.0))
+            since = self._piece_since
+            if since is not None and clock() - since > timeout:
+                log.warning("closing connection to %s: it took none of the %d bytes queued "
+                            "for it for %gs (send_timeout): it stopped reading", self.peer,
+                            self._pending_bytes, timeout)
+                self._error = _SendStalled(timeout)
+                self._closed = True
+                self._drained.set()
+                with anyio.CancelScope(shield=True):
+                    await self._stream.aclose()
+                return
 
     async def _flush_and_close(self) -> None:
         """Let the writer send what is queued (bounded), then close the stream."""
