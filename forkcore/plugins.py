@@ -167,9 +167,14 @@ def install_hint(kind: str, name: str) -> str | None:
     dist = KNOWN_DISTRIBUTIONS.get((kind, name))
     if dist is None:
         return None
-    folder = "plugins/" + dist.removeprefix("forkcore-").replace("-", "_")
+    folder = checkout_folder(dist)
     return (f"comes with the distribution {dist}: install it from a forkcore checkout "
             f"with 'pip install ./{folder}'")
+
+
+def checkout_folder(dist: str) -> str:
+    """The folder of a forkcore checkout that holds distribution `dist`."""
+    return "plugins/" + dist.removeprefix("forkcore-").replace("-", "_")
 
 
 def create(kind: str, name: str, options: Mapping[str, Any] | None, where: str,

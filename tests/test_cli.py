@@ -711,3 +711,30 @@ def test_demo_tells_one_story(tmp_path: Path) -> None:
     assert "CALLS: served by each server since it started" in result.stdout
     assert "IN FLIGHT" not in result.stdout
     assert "docs/getting-started.md" in lines(result.stdout)[-1]
+
+
+def test_status_watch_shows_a_stopping_server_draining(tmp_path: Path,
+                                                       procs: list[Any]) -> None:
+    server = start_server(tmp_path, "stopping")
+    procs.append(server)
+    config = client_toml(tmp_path / "c.toml", server.port)
+    slow = subprocess.Popen([*CLI, "call", "-c", str(config), "test.counter", "k", "sleep",
+                             "2"], cwd=tmp_path, env=cli_env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs.append(slow)
+    wait_in_flight(server.port, slow)
+    watch = subprocess.Popen([*CLI, "status", "-c", str(config), "--watch", "--interval",
+                              "0.2", "--count", "12"], cwd=tmp_path, env=cli_env(),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    procs.append(watch)
+    time.sleep(0.6)  # a refresh or two while it is healthy
+    server.proc.send_signal(signal.SIGTERM)  # it says goodbye, then drains the slow call
+    out, err = watch.communicate(timeout=RUN_TIMEOUT)
+    assert watch.returncode == 0, err
+    states = [line.split()[2] for line in out.splitlines() if line.startswith("stopping ")]
+    assert "healthy" in states and "draining" in states, out
+    rows = [line for line in out.splitlines() if line.startswith("stopping ")]
+    assert not any("closed" in row for row in rows), out  # never "unhealthy ... closed"
+    assert any("said goodbye" in row for row in rows if " draining " in row), out
+    assert slow.wait(timeout=RUN_TIMEOUT) == 0  # the call in flight finished

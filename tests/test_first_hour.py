@@ -179,3 +179,29 @@ async def test_a_server_that_said_goodbye_is_draining() -> None:
             assert view.last_error is not None and "said goodbye" in view.last_error
             assert not view.healthy
         tg.cancel_scope.cancel()
+
+
+# -- docs -------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_forkcore_testing_after_import_forkcore() -> None:
+    code = ("import sys, forkcore\n"
+            "assert 'pytest' not in sys.modules  # import forkcore stays light\n"
+            "print(forkcore.testing.cluster.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "cluster"
+
+
+def test_getting_started_shares_interfaces_and_needs_no_double_dash() -> None:
+    text = (DOCS / "getting-started.md").read_text(encoding="utf-8")
+    assert "# interfaces.py" in text and "from interfaces import ICounter" in text
+    assert "## Where the files go" in text
+    assert " -- -" not in text
+
+
+def test_operations_documents_the_unreachable_row() -> None:
+    text = (DOCS / "operations.md").read_text(encoding="utf-8")
+    assert "**unreachable** rows" in text and "`client.unreachable`" in text

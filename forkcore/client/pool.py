@@ -35,7 +35,7 @@ class ServerState:
         self.failures = 0  # consecutive failed calls
         self.ejections = 0  # times ejected so far (the next ejection is longer)
         self.ejected_until = 0.0
-        self.goodbye: str | None = None  # why the server said goodbye, until it is back
+        self.goodbye: str | None = None  # why it said goodbye; until back or unreachable
 
     @property
     def server_id(self) -> str:
@@ -107,6 +107,16 @@ class Pool:
         state.view.last_error = conn.last_error
         self._update(state)
 
+    def gone(self, endpoint: str, error: str) -> None:
+        """A reconnect to `endpoint` failed: a server there that said goodbye is no longer
+        draining but gone (unhealthy, with why)."""
+        for state in self.states.values():
+            if state.goodbye is not None and endpoint in state.endpoints and \
+                    not state.open_connections():
+                state.goodbye = None
+                state.view.last_error = error
+                self._recompute(state)
+
     def _connection_changed(self, conn: ClientConnection) -> None:
         state = self.states.get(conn.server_id)
         if state is None or conn not in state.connections:
@@ -138,6 +148,8 @@ class Pool:
             view.last_error = "stopped answering heartbeats"
         elif any(c.draining for c in open_conns):
             new_state = "draining"
+            if state.goodbye is not None:
+                view.last_error = f"said goodbye: {state.goodbye}"
         elif state.ejected_until > clock():
             new_state = "ejected"
         else:

@@ -111,6 +111,7 @@ class Upkeep:
 
     def _failed_to_connect(self, endpoint: str, exc: ForkcoreError) -> None:
         self.last_error = self.endpoint_errors[endpoint] = str(exc)
+        self.pool.gone(endpoint, str(exc))
 
 
 def _log_lost(conn: ClientConnection) -> None:
