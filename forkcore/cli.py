@@ -1,7 +1,9 @@
 """The `forkcore` command: serve, call, status, plugins, demo.
 
-Errors are one line on stderr and a non-zero exit status; `--debug` adds tracebacks and
-debug logs. `call` prints its JSON result, and nothing else, on stdout.
+Errors are one line on stderr and exit status 1; a wrong command-line argument is a
+usage error (argparse's usage and message, exit status 2). `--debug` adds tracebacks and
+debug logs; it and `--loop` go before or after the command. `call` prints its JSON
+result, and nothing else, on stdout.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,14 +60,14 @@ def _command(sub: Any, flags: argparse.ArgumentParser, name: str, summary: str,
              description: str, example: str) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(
         name, help=summary, parents=[flags],
-        description=f"{summary[:1].upper()}{summary[1:]}. {description}",
+        description=textwrap.fill(f"{summary[:1].upper()}{summary[1:]}. {description}", 80),
         epilog=f"example:\n{example}", formatter_class=argparse.RawDescriptionHelpFormatter)
     _SUBCOMMANDS[name] = parser
     return parser
 
 
 def _config_arg(parser: argparse.ArgumentParser, table: str) -> None:
-    parser.add_argument_group("required").add_argument(
+    parser.add_argument_group("required arguments").add_argument(
         "-c", "--config", required=True, metavar="FILE",
         help=f"TOML configuration file; its [{table}] table is used")
 
@@ -77,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Run 'forkcore COMMAND --help' for a command's arguments and an example; "
                "docs/getting-started.md for a first application.")
     parser.add_argument("--version", action="version", version=f"forkcore {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of these; 'forkcore COMMAND --help' shows its "
+                                     "arguments")
 
     serve = _command(sub, flags, "serve", "run the [server] of a configuration file",
                      "Hosts the grains of the modules in 'grains' until SIGINT or SIGTERM, "
@@ -415,9 +420,14 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    logger = logging.getLogger("forkcore")
+    level = logger.level
     if not args.debug:  # the demo narrates what the logs would say (--debug shows them)
-        logging.getLogger("forkcore").setLevel(logging.ERROR)
-    run(args, run_demo, args.players)
+        logger.setLevel(logging.ERROR)
+    try:
+        run(args, run_demo, args.players)
+    finally:
+        logger.setLevel(level)
     return 0
 
 

