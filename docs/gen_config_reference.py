@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from forkcore import config
+from forkcore import config, plugins
 
 OUTPUT = Path(__file__).resolve().parent / "configuration.md"
 COMMAND = "python docs/gen_config_reference.py"
@@ -48,6 +48,36 @@ CHECKS: dict[Callable[[Any], str | None], str] = {
     config.endpoint_list: "at least one `\"host:port\"`",
     config.str_list: "strings",
 }
+
+# Options that name a plugin, and the plugin kind they name.
+PLUGIN_OPTIONS: tuple[tuple[str, type, str, str], ...] = (
+    ("client", config.ClientOptions, "transport", "transport"),
+    ("client", config.ClientOptions, "strategy", "strategy"),
+    ("client", config.ClientOptions, "conflict_resolver", "conflict_resolver"),
+    ("client", config.ClientOptions, "affinity", "affinity_policy"),
+    ("server", config.ServerOptions, "transport", "transport"),
+)
+
+
+def default_plugins() -> str:
+    """Where the plugin each default names comes from, and how to install it."""
+    lines = ["| option | default | comes from | install |", "| --- | --- | --- | --- |"]
+    for table, cls, name, kind in PLUGIN_OPTIONS:
+        default = attrs.fields_dict(cls)[name].default
+        dist = plugins.KNOWN_DISTRIBUTIONS.get((kind, default))
+        if dist is None:
+            sources = {r.name: r.source for r in plugins.registrations(kind)}
+            if sources.get(default) != "forkcore":
+                raise ValueError(f"[{table}] {name}: where does {default!r} come from? Add "
+                                 "it to plugins.KNOWN_DISTRIBUTIONS")
+            source, install = "built into `forkcore`", "nothing more"
+        else:
+            source = f"`{dist}`"
+            install = f"`pip install ./{plugins.checkout_folder(dist)}`"
+        lines.append(f"| `[{table}] {name}` | `{toml_value(default)}` | {source} | "
+                     f"{install} |")
+    return "\n".join(lines)
+
 
 # More about some tables, written by hand (the tables themselves are generated).
 NOTES = {
@@ -79,14 +109,29 @@ The keyword arguments of `forkcore.Client(...)` and `forkcore.Server(...)` are t
 (`[client.health]`, ...) is passed as a mapping (`health={{"heartbeat_interval": 0.5}}`).
 
 - An unknown key, a value of the wrong type or a value out of range is a
-  `forkcore.errors.ConfigError` that names the file, the table and the key, and lists
-  the known keys for a misspelt one. Nothing connects before the whole file is valid.
+  `forkcore.errors.ConfigError` that names the file, the table and the key; for a
+  misspelt key it suggests the closest one ("did you mean 'request_timeout'?") and
+  lists the known keys. Nothing connects before the whole file is valid.
+- **Relative paths resolve against the configuration file's directory**, as the modules
+  of `grains` do: every string option whose key ends in `_file`, `_path` or `_dir`, at
+  any depth (`psk_file` in `[client.security]` and `[server.security]`, `cert_file`,
+  `key_file` and `ca_file` in `transport_options`, and any such option of a plugin, in
+  `strategy_options`, `observer_options`, ...), so `psk_file = "secrets/cluster.key"`
+  works from whichever directory the command runs in. `~` is expanded; absolute paths
+  stay as they are. A mapping passed from Python resolves against
+  `load_config(mapping, base_dir=...)` if given, else stays relative to the working
+  directory.
 - A number option accepts an integer (`request_timeout = 5` is `5.0`); an integer option does
   not accept a float, and no option takes a boolean for a number.
 - A plugin name (`transport`, `strategy`, `conflict_resolver`, `affinity`, `observers`)
   is resolved when the client or server is built; a name that is not installed is a
   `forkcore.errors.PluginNotFound` naming the installed ones and the distribution to
   install. `forkcore plugins` lists what is installed.
+- A plugin named by default comes from the distribution below; the plugins are not on
+  a package index, so install them from a checkout of the repository:
+
+{{DEFAULT_PLUGINS}}
+
 - The `*_options` tables are handed to the plugin's factory as keyword arguments and
   checked by the plugin itself: see [docs/transports.md](transports.md) for
   `transport_options` and [the strategies' README](../plugins/strategies/README.md) for
@@ -299,7 +344,8 @@ def example_toml() -> str:
 
 
 def render() -> str:
-    parts = [INTRO]
+    parts = [INTRO.replace("{DEFAULT_PLUGINS}", "\n".join(
+        "  " + line for line in default_plugins().splitlines()))]
     for name, cls in sections():
         parts.append(table_markdown(name, cls))
     parts.append(

@@ -1,5 +1,7 @@
 """forkcore: virtual-actor (grain) RPC in which one client talks to many servers."""
 
+from typing import Any
+
 from . import errors, interfaces
 from .client.client import Client
 from .client.views import ServerView
@@ -22,6 +24,15 @@ from .security import Identity, Role, current_caller, requires_role
 from .server.server import Server
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """`forkcore.testing` loads on first use: `import forkcore` does not import pytest."""
+    if name == "testing":
+        import importlib
+
+        return importlib.import_module(".testing", __name__)
+    raise AttributeError(f"module 'forkcore' has no attribute {name!r}")
 
 __all__ = [
     "Affinity",

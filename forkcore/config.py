@@ -7,8 +7,10 @@ wrong type or a bad value is a `ConfigError` naming the file and the key.
 
 from __future__ import annotations
 
+import difflib
+import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -254,9 +256,9 @@ def build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(fields))}"
-        )
+        hint = did_you_mean(unknown[0], fields)
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}{hint}; known keys: "
+                          f"{', '.join(sorted(fields))}")
     values: dict[str, Any] = {}
     for name, value in data.items():
         field = fields[name]
@@ -270,6 +272,12 @@ def build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     if missing:
         raise ConfigError(f"{where}: key {missing[0]!r} is required")
     return cls(**values)
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """" (did you mean 'request_timeout'?)" for the closest known name, or ""."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _checked(value: Any, field: Any, where: str) -> Any:
@@ -314,15 +322,48 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def load_config(path: str | Path | Mapping[str, Any]) -> Config:
-    """Read a TOML file (or an already parsed mapping) into validated options."""
+PATH_SUFFIXES = ("_file", "_path", "_dir")
+
+
+def resolve_paths(data: Any, base_dir: str | Path) -> Any:
+    """`data` with every string under a key ending in `_file`, `_path` or `_dir` (at any
+    depth: `psk_file`, `transport_options.ca_file`, a plugin's own) made absolute against
+    `base_dir`, so a file works from whatever directory it is used in."""
+    if isinstance(data, Mapping):
+        return {k: (_resolved(v, base_dir) if isinstance(k, str) and k.endswith(PATH_SUFFIXES)
+                    else resolve_paths(v, base_dir)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [resolve_paths(v, base_dir) for v in data]
+    return data
+
+
+def _resolved(value: Any, base_dir: str | Path) -> Any:
+    if isinstance(value, str) and value:
+        return os.path.join(base_dir, os.path.expanduser(value))  # absolute paths stay
+    if isinstance(value, list):
+        return [_resolved(v, base_dir) for v in value]
+    return value
+
+
+def load_config(path: str | Path | Mapping[str, Any],
+                base_dir: str | Path | None = None) -> Config:
+    """Read a TOML file (or an already parsed mapping) into validated options.
+
+    Relative paths in options ending in `_file`, `_path` or `_dir` resolve against the
+    file's directory (for a mapping: against `base_dir` if given, else they stay as they
+    are, relative to the working directory)."""
     if isinstance(path, Mapping):
         data, label = dict(path), "<config>"
     else:
         data, label = read_toml(path), str(path)
+        base_dir = Path(path).resolve().parent if base_dir is None else base_dir
+    if base_dir is not None:
+        data = resolve_paths(data, base_dir)
     unknown = sorted(set(data) - {"client", "server"})
     if unknown:
-        raise ConfigError(f"{label}: unknown table [{unknown[0]}]; use [client] and [server]")
+        raise ConfigError(f"{label}: unknown table [{unknown[0]}]"
+                          f"{did_you_mean(unknown[0], ('client', 'server'))}; use [client] "
+                          "and [server]")
     client = build(ClientOptions, data["client"], f"{label}: [client]") if "client" in data \
         else None
     server = build(ServerOptions, data["server"], f"{label}: [server]") if "server" in data \

@@ -115,12 +115,19 @@ def _routes(client: Client, keys: Sequence[int]) -> dict[int, str]:
     return {k: client.route(IDemoPlayer, f"player-{k}") for k in keys}
 
 
-def _table(client: Client, calls: Counter[str], routes: dict[int, str]) -> str:
-    grains = Counter(routes.values())
+async def _table(client: Client, routes: dict[int, str]) -> str:
+    """The servers with CALLS as in `forkcore status` (served by each server since it
+    started) and PLAYERS (the players routed to each server now)."""
+    stats = await client.server_stats()
+    players = Counter(routes.values())
     return render_servers(client.servers, {
-        "CALLS": {sid: str(n) for sid, n in calls.items()},
-        "GRAINS": {sid: str(n) for sid, n in grains.items()},
+        "CALLS": {sid: str(v.get("calls", "-")) for sid, v in stats.items()},
+        "PLAYERS": {sid: str(n) for sid, n in players.items()},
     })
+
+
+LEGEND = ("   CALLS: served by each server since it started (as in forkcore status); "
+          "PLAYERS: routed to it now")
 
 
 async def _wait_for(predicate: object, timeout: float = 10.0) -> None:
@@ -132,8 +139,9 @@ async def _wait_for(predicate: object, timeout: float = 10.0) -> None:
 async def run_demo(players: int = 300) -> None:
     transport = "tcp" if "tcp" in registry("transport") else "memory"
     if "consistent_hash" not in registry("strategy"):
-        print("forkcore demo: the strategies plugin is not installed "
-              "('pip install forkcore-strategies'); showing single mode only\n")
+        print("forkcore demo: the strategies plugin is not installed (it comes with the "
+              "distribution forkcore-strategies: from a forkcore checkout, "
+              "'pip install ./plugins/strategies'); showing single mode only\n")
         await _single_mode_tour(transport)
         return
     started = time.perf_counter()
@@ -150,14 +158,18 @@ async def run_demo(players: int = 300) -> None:
                 await _tour(client, cluster, keys)
         finally:
             cluster.stop_all()
-    print(f"\ndone in {time.perf_counter() - started:.2f}s")
+    print(f"\ndone in {time.perf_counter() - started:.2f}s. Next: docs/getting-started.md "
+          "writes a grain of your own, serves it and calls it.")
 
 
 async def _tour(client: Client, cluster: Cluster, keys: Sequence[int]) -> None:
+    # warm-up: every server's first heartbeat answered before the burst, so the RTT shown
+    # is the network's, not that of a ping queued behind 300 calls
+    await _wait_for(lambda: all(v.rtt is not None for v in client.servers))
     print(f"1. {len(keys)} players, one call each, routed by consistent hashing:")
     routes = _routes(client, keys)
-    calls = await _workload(client, keys, "calls")
-    print("\n" + _table(client, calls, routes) + "\n")
+    await _workload(client, keys, "calls")
+    print("\n" + await _table(client, routes) + "\n" + LEGEND + "\n")
 
     player = client.get_grain(IDemoPlayer, "player-0")
     async with anyio.create_task_group() as tg:
@@ -181,13 +193,15 @@ async def _tour(client: Client, cluster: Cluster, keys: Sequence[int]) -> None:
         tg.start_soon(_stop_later, cluster)
         calls = await _workload(client, keys, "calls during the stop")
     await _wait_for(lambda: not _view(client, "s2").healthy)
+    print(f"   s2 said goodbye and drained; the client stopped routing to it and retried "
+          f"the calls it refused on the others: all {calls.total()} calls answered")
     during = _routes(client, keys)
     moved = [k for k in keys if before[k] != during[k]]
     from_s2 = sum(1 for k in moved if before[k] == "s2")
     print(f"   {len(moved)} of {len(keys)} grains moved ({100 * len(moved) / len(keys):.0f}%), "
           f"{from_s2} of them from s2; the others stayed where they were")
-    calls = await _workload(client, keys, "calls after the stop")
-    print("\n" + _table(client, calls, during) + "\n")
+    await _workload(client, keys, "calls after the stop")
+    print("\n" + await _table(client, during) + "\n")
 
     print("4. s2 comes back on the same address:")
     await cluster.start("s2", listen=cluster.endpoints["s2"])
@@ -196,8 +210,8 @@ async def _tour(client: Client, cluster: Cluster, keys: Sequence[int]) -> None:
     back = [k for k in moved if after[k] == "s2"]
     print(f"   {len(back)} of the {len(moved)} moved grains are routed to s2 again; "
           f"{sum(1 for k in keys if after[k] != before[k])} differ from the start")
-    calls = await _workload(client, keys, "calls")
-    print("\n" + _table(client, calls, after))
+    await _workload(client, keys, "calls")
+    print("\n" + await _table(client, after))
 
 
 async def _stop_later(cluster: Cluster) -> None:

@@ -6,6 +6,7 @@ and `registry()` show them the same way.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import logging
 import os
@@ -144,18 +145,36 @@ def lookup(kind: str, name: str) -> Callable[..., Any]:
     regs = {r.name: r for r in registrations(kind)}
     if name in regs:
         return regs[name].factory
-    installed = ", ".join(sorted(regs)) or "none"
+    installed = ", ".join(repr(n) for n in sorted(regs)) or "none"
     label = kind.replace("_", " ")
     plural = {"strategy": "strategies", "affinity_policy": "affinity policies"}.get(
         kind, label + "s")
-    hint = KNOWN_DISTRIBUTIONS.get((kind, str(name)))
-    if hint:
-        advice = f"install it with 'pip install {hint}'"
-    else:
-        advice = "check the spelling, or install the plugin that provides it"
+    hint = install_hint(kind, str(name))
+    advice = f"it {hint}" if hint else None
+    if advice is None:
+        close = difflib.get_close_matches(str(name), list(regs), n=1)
+        advice = f"did you mean {close[0]!r}?" if close else \
+            "check the spelling, or install the plugin that provides it"
     raise PluginNotFound(
         f"{label} {name!r} is not installed ({plural} installed: {installed}); {advice}"
     )
+
+
+def install_hint(kind: str, name: str) -> str | None:
+    """Where `name` comes from and how to install it ("comes with the distribution ...:
+    install it ..."), or None if unknown. The plugins are not on a package index: they
+    install from the folders of a forkcore checkout."""
+    dist = KNOWN_DISTRIBUTIONS.get((kind, name))
+    if dist is None:
+        return None
+    folder = checkout_folder(dist)
+    return (f"comes with the distribution {dist}: install it from a forkcore checkout "
+            f"with 'pip install ./{folder}'")
+
+
+def checkout_folder(dist: str) -> str:
+    """The folder of a forkcore checkout that holds distribution `dist`."""
+    return "plugins/" + dist.removeprefix("forkcore-").replace("-", "_")
 
 
 def create(kind: str, name: str, options: Mapping[str, Any] | None, where: str,

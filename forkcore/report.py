@@ -16,18 +16,16 @@ def table(rows: Sequence[Sequence[str]]) -> str:
 
 def render_servers(views: Sequence[Any],
                    extra: Mapping[str, Mapping[str, str]] | None = None) -> str:
-    """One row per server view: id, endpoint, state, RTT, calls in flight, interfaces,
-    then any `extra` columns (column name → server id → text)."""
+    """One row per server view: id, endpoint, state, RTT, any `extra` columns (column
+    name → server id → text), interfaces, last error."""
     extra = extra or {}
-    rows = [["SERVER", "ENDPOINT", "STATE", "RTT", "IN FLIGHT", *extra, "INTERFACES",
-             "LAST ERROR"]]
+    rows = [["SERVER", "ENDPOINT", "STATE", "RTT", *extra, "INTERFACES", "LAST ERROR"]]
     for v in sorted(views, key=lambda v: v.id):
         rtt = "-" if v.rtt is None else f"{v.rtt * 1000:.1f} ms"
         interfaces = ", ".join(f"{i.name} v{i.version}" for i in v.versions.values()) or "-"
         error = v.last_error if v.last_error and not v.healthy else "-"
-        rows.append([v.id, v.endpoint, v.state, rtt, str(v.in_flight),
-                     *(column.get(v.id, "-") for column in extra.values()), interfaces,
-                     error])
+        rows.append([v.id, v.endpoint, v.state, rtt,
+                     *(column.get(v.id, "-") for column in extra.values()), interfaces, error])
     return table(rows)
 
 

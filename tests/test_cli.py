@@ -67,6 +67,21 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
     return line
 
 
+def assert_usage_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """A command-line mistake: exit 2, nothing on stdout, the usage and one error line
+    naming every needle, no traceback. Returns the error line."""
+    context = f"exit {result.returncode}\nstdout: {result.stdout!r}\nstderr: {result.stderr!r}"
+    assert result.returncode == 2, context
+    assert result.stdout == "", context
+    assert "Traceback" not in result.stderr and "ConfigError" not in result.stderr, context
+    assert result.stderr.startswith("usage: forkcore"), context
+    line = lines(result.stderr)[-1]
+    assert line.startswith("forkcore ") and ": error: " in line, context
+    for needle in needles:
+        assert needle in line, f"{needle!r} not in the error line\n{context}"
+    return line
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (bound, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -250,7 +265,26 @@ def test_json_args_reach_the_grain(served: tuple[ServeProcess, Path]) -> None:
 
 def test_argument_that_is_not_json(served: tuple[ServeProcess, Path]) -> None:
     _, config = served
-    assert_one_line_error(call(config, "test.counter", "k", "add", "five"), "five")
+    assert_usage_error(call(config, "test.counter", "k", "add", "five"), "argument 1", "five")
+
+
+@pytest.mark.parametrize("text", ["Infinity", "[-Infinity]", "NaN", "[1, NaN]"])
+def test_argument_that_is_not_standard_json(served: tuple[ServeProcess, Path],
+                                            text: str) -> None:
+    _, config = served
+    assert_usage_error(call(config, "test.counter", "k", "echo", text), "not JSON")
+
+
+def test_result_that_is_not_json_is_refused(served: tuple[ServeProcess, Path]) -> None:
+    _, config = served  # 1e999 is a JSON number; the grain echoes it back as inf
+    result = call(config, "test.counter", "inf", "echo", "[1e999]")
+    line = assert_one_line_error(result, "cannot be shown as JSON", "inf")
+    assert "unexpected" not in line
+
+
+def test_negative_number_needs_no_double_dash(served: tuple[ServeProcess, Path]) -> None:
+    _, config = served
+    assert call_ok(config, "test.counter", "neg", "add", "-4") == -4
 
 
 # -- errors from the server -------------------------------------------------------------
@@ -540,3 +574,167 @@ def test_demo(tmp_path: Path) -> None:
     assert len(lines(report)) >= 5, report
     assert "healthy" in report
     assert "s1" in report and "s2" in report, report
+
+
+# -- the command line itself (issue 14) -------------------------------------------------
+
+
+def test_version(tmp_path: Path) -> None:
+    import forkcore
+
+    result = run_cli("--version", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, f"forkcore {forkcore.__version__}\n")
+
+
+@pytest.mark.parametrize("flags_after", [False, True])
+def test_global_flags_before_or_after_the_command(served: tuple[ServeProcess, Path],
+                                                  flags_after: bool) -> None:
+    _, config = served
+    command = ["call", "-c", str(config), "test.counter", "flags", "get"]
+    flags = ["--debug", "--loop", "trio"]
+    result = run_cli(*(command + flags if flags_after else flags + command), cwd=config.parent)
+    assert (result.returncode, result.stdout) == (0, "0\n"), result.stderr
+    assert " INFO forkcore" in result.stderr  # --debug took effect wherever it was given
+
+
+@pytest.mark.parametrize("command", ["serve", "call", "status", "plugins", "demo"])
+def test_every_command_help_has_a_description_and_an_example(tmp_path: Path,
+                                                             command: str) -> None:
+    result = run_cli(command, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    usage, _, rest = text.partition("\n\n")
+    assert usage.startswith(f"usage: forkcore {command}")
+    assert rest.split("\n\n")[0].strip(), f"no description:\n{text}"
+    assert f"example:\n  forkcore {command}" in text, text
+    assert "--debug" in text and "--loop" in text  # the global flags work here too
+    # every argument has its help, on its line or (a long one) on the next
+    text_lines = text.splitlines()
+    for i, line in enumerate(text_lines):
+        if line.startswith("  ") and not line.startswith("   ") and \
+                not line.startswith("  forkcore"):
+            has_help = "  " in line.strip() or (
+                i + 1 < len(text_lines) and text_lines[i + 1].startswith(" " * 10))
+            assert has_help, f"argument without help: {line!r}\n{text}"
+
+
+def test_call_help_shows_optional_arguments_as_optional(tmp_path: Path) -> None:
+    result = run_cli("call", "--help", cwd=tmp_path)
+    assert "interface key method [ARG ...]" in result.stdout
+    missing = run_cli("call", cwd=tmp_path)
+    line = assert_usage_error(missing, "-c/--config", "method")
+    assert "ARG" not in line  # optional: not among the required arguments
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["status", "-c", "x.toml", "--count", "2"], ["--count needs --watch"]),
+    (["status", "-c", "x.toml", "--watch", "--count", "0"], ["--count must be at least 1"]),
+    (["status", "-c", "x.toml", "--interval", "0"], ["--interval must be greater than 0"]),
+    (["demo", "--players", "0"], ["--players must be at least 1"]),
+])
+def test_wrong_arguments_are_usage_errors(tmp_path: Path, args: list[str],
+                                          words: list[str]) -> None:
+    assert_usage_error(run_cli(*args, cwd=tmp_path), *words)
+
+
+def test_misspelt_key_through_the_cli(tmp_path: Path) -> None:
+    config = client_toml(tmp_path / "c.toml", free_port(), "request_timout = 2\n")
+    result = call(config, "test.counter", "k", "get")
+    assert_one_line_error(result, "unknown key 'request_timout'",
+                          "did you mean 'request_timeout'?")
+
+
+# -- status --watch while nothing answers, and what its columns mean --------------------
+
+
+def test_status_watch_keeps_running_while_no_server_answers(tmp_path: Path) -> None:
+    config = client_toml(tmp_path / "c.toml", free_port(), "connect_timeout = 0.5\n")
+    result = run_cli("status", "-c", str(config), "--watch", "--interval", "0.1",
+                     "--count", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    stamps = [line for line in result.stdout.splitlines()
+              if line.startswith("forkcore status at ")]
+    assert len(stamps) == 3, result.stdout  # three refreshes, each with its time
+    assert all(len(line.split()[-1].split(":")) == 3 for line in stamps), stamps
+    rows = [line for line in result.stdout.splitlines() if "unreachable" in line
+            and line.startswith("?")]
+    assert len(rows) == 3 and all("cannot connect" in row for row in rows), result.stdout
+    assert "trying again every 0.1s" in result.stdout
+
+
+def test_status_without_watch_and_no_server_is_one_error(tmp_path: Path) -> None:
+    config = client_toml(tmp_path / "c.toml", free_port(), "connect_timeout = 0.5\n")
+    assert_one_line_error(run_cli("status", "-c", str(config), cwd=tmp_path), "ConnectError")
+
+
+def test_status_watch_finds_a_server_that_starts_later(tmp_path: Path,
+                                                        procs: list[Any]) -> None:
+    port = free_port()
+    config = client_toml(tmp_path / "c.toml", port, "connect_timeout = 0.5\n")
+    watch = subprocess.Popen([*CLI, "status", "-c", str(config), "--watch", "--interval",
+                              "0.2", "--count", "25"], cwd=tmp_path, env=cli_env(),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    procs.append(watch)
+    time.sleep(0.5)  # a refresh or two with nothing there
+    procs.append(start_server(tmp_path, "late", listen=f"127.0.0.1:{port}"))
+    out, err = watch.communicate(timeout=RUN_TIMEOUT)
+    assert watch.returncode == 0, err
+    assert "unreachable" in out
+    rows = [line for line in out.splitlines() if line.startswith("late ")]
+    assert rows and "healthy" in rows[-1], out
+
+
+def test_status_in_flight_is_the_servers_own(served: tuple[ServeProcess, Path],
+                                             procs: list[Any]) -> None:
+    server, config = served
+    slow = subprocess.Popen([*CLI, "call", "-c", str(config), "test.counter", "busy", "sleep",
+                             "3"], cwd=config.parent, env=cli_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    procs.append(slow)
+    wait_in_flight(server.port, slow)
+    result = run_cli("status", "-c", str(config), cwd=config.parent)
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if line.startswith("SERVER"))
+    row = next(line for line in result.stdout.splitlines() if line.startswith(server.id))
+    column = header.index("IN FLIGHT")
+    assert int(row[column:].split()[0]) >= 1, result.stdout  # the other process's call
+    assert "calls running" in result.stdout  # the legend says what it counts
+
+
+def test_demo_tells_one_story(tmp_path: Path) -> None:
+    result = run_cli("demo", "--players", "60", cwd=tmp_path, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" not in result.stderr + result.stdout  # no log line in the narrative
+    assert "said goodbye" in result.stdout  # the narrative says it instead
+    assert "CALLS: served by each server since it started" in result.stdout
+    assert "IN FLIGHT" not in result.stdout
+    assert "docs/getting-started.md" in lines(result.stdout)[-1]
+
+
+def test_status_watch_shows_a_stopping_server_draining(tmp_path: Path,
+                                                       procs: list[Any]) -> None:
+    server = start_server(tmp_path, "stopping")
+    procs.append(server)
+    config = client_toml(tmp_path / "c.toml", server.port)
+    slow = subprocess.Popen([*CLI, "call", "-c", str(config), "test.counter", "k", "sleep",
+                             "2"], cwd=tmp_path, env=cli_env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs.append(slow)
+    wait_in_flight(server.port, slow)
+    watch = subprocess.Popen([*CLI, "status", "-c", str(config), "--watch", "--interval",
+                              "0.2", "--count", "12"], cwd=tmp_path, env=cli_env(),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    procs.append(watch)
+    time.sleep(0.6)  # let the watch start (it may or may not see the server healthy)
+    server.proc.send_signal(signal.SIGTERM)  # it says goodbye, then drains the slow call
+    out, err = watch.communicate(timeout=RUN_TIMEOUT)
+    assert watch.returncode == 0, err
+    states = [line.split()[2] for line in out.splitlines() if line.startswith("stopping ")]
+    assert "draining" in states, out
+    rows = [line for line in out.splitlines() if line.startswith("stopping ")]
+    assert not any("closed" in row for row in rows), out  # never "unhealthy ... closed"
+    assert any("said goodbye" in row for row in rows if " draining " in row), out
+    assert slow.wait(timeout=RUN_TIMEOUT) == 0  # the call in flight finished

@@ -100,7 +100,8 @@ def test_plugin_names_resolve_when_the_client_is_built(
     path = write(tmp_path, '[client]\nservers = ["127.0.0.1:1"]\ntransport = "carrier"\n')
     with pytest.raises(PluginNotFound) as info:
         forkcore.Client.from_config(path)
-    assert "pip install forkcore-transport-carrier" in str(info.value)
+    assert "distribution forkcore-transport-carrier" in str(info.value)
+    assert "pip install ./plugins/transport_carrier" in str(info.value)
     assert str(path) in str(info.value) and "key 'transport'" in str(info.value)
 
 

@@ -86,8 +86,8 @@ def test_unknown_name_lists_installed_and_the_distribution_to_install() -> None:
     env = {**os.environ, "FORKCORE_DISABLE_PLUGIN_AUTOLOAD": "1"}
     message = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, timeout=60, check=True).stdout
-    assert "pip install forkcore-transport-udp" in message
-    assert "transports installed: memory" in message
+    assert "pip install ./plugins/transport_udp" in message
+    assert "transports installed: 'memory'" in message
 
 
 def test_multi_mode_without_strategies_names_the_distribution() -> None:
@@ -99,9 +99,9 @@ def test_multi_mode_without_strategies_names_the_distribution() -> None:
     env = {**os.environ, "FORKCORE_DISABLE_PLUGIN_AUTOLOAD": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=60, check=True).stdout
-    assert "strategy 'round_robin' is not installed" in out
-    assert "pip install forkcore-strategies" in out
-    assert "key 'strategy'" in out
+    assert "multi mode needs a strategy plugin" in out
+    assert "pip install ./plugins/strategies" in out
+    assert "key 'mode'" in out
 
 
 def test_unknown_name_we_do_not_know_suggests_checking_spelling() -> None:

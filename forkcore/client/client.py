@@ -43,7 +43,7 @@ from ..grains import (
 )
 from ..interceptors import CallInfo, run_chain
 from ..observers import Observers
-from ..plugins import create, create_interceptors, lookup
+from ..plugins import create, create_interceptors, install_hint, lookup, registry
 from ..protocol.messages import HEADER_CONTEXT
 from ..security import load_psk
 from .connection import NotSent, ServerRefused
@@ -105,6 +105,11 @@ class Client:
                                 where, "transport", "transport_options")
         self.strategy: Any = None
         if options.mode == "multi":
+            if options.strategy == DEFAULT_STRATEGY and not registry("strategy"):
+                raise PluginNotFound(
+                    f"{where} key 'mode': multi mode needs a strategy plugin and none is "
+                    f"installed; the default strategy, {DEFAULT_STRATEGY!r}, "
+                    f"{install_hint('strategy', DEFAULT_STRATEGY)}")
             self.strategy = create("strategy", options.strategy, options.strategy_options,
                                    where, "strategy", "strategy_options")
         elif options.strategy != DEFAULT_STRATEGY:

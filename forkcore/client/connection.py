@@ -82,6 +82,7 @@ class ClientConnection:
         self.pending = session.pending  # the session's table, read by the pool
         self.closed = False
         self.draining = False
+        self.goodbye: str | None = None  # the reason the server gave, once it said goodbye
         self.rtt: float | None = None
         self.last_error: str | None = None
         self.on_change: Callable[[ClientConnection], None] | None = None
@@ -236,6 +237,7 @@ class ClientConnection:
 
     def on_goodbye(self, reason: str) -> None:
         self.draining = True
+        self.goodbye = reason
         log.info("server %s (%s) says goodbye: %s", self.server_id, self.endpoint, reason)
         if self.on_change is not None:
             self.on_change(self)

@@ -25,7 +25,7 @@ class ServerState:
     """What the client holds for one server id."""
 
     __slots__ = ("connections", "ejected_until", "ejections", "endpoints", "failures",
-                 "removed", "view")
+                 "goodbye", "removed", "view")
 
     def __init__(self, view: ServerView) -> None:
         self.view = view
@@ -35,6 +35,7 @@ class ServerState:
         self.failures = 0  # consecutive failed calls
         self.ejections = 0  # times ejected so far (the next ejection is longer)
         self.ejected_until = 0.0
+        self.goodbye: str | None = None  # why it said goodbye; until back or unreachable
 
     @property
     def server_id(self) -> str:
@@ -84,6 +85,7 @@ class Pool:
                             w.server_id)
             state.endpoints.append(conn.endpoint)
         state.connections.append(conn)
+        state.goodbye = None
         view = state.view
         if not view.healthy:
             view.endpoint = conn.endpoint
@@ -105,6 +107,16 @@ class Pool:
         state.view.last_error = conn.last_error
         self._update(state)
 
+    def gone(self, endpoint: str, error: str) -> None:
+        """A reconnect to `endpoint` failed: a server there that said goodbye is no longer
+        draining but gone (unhealthy, with why)."""
+        for state in self.states.values():
+            if state.goodbye is not None and endpoint in state.endpoints and \
+                    not state.open_connections():
+                state.goodbye = None
+                state.view.last_error = error
+                self._recompute(state)
+
     def _connection_changed(self, conn: ClientConnection) -> None:
         state = self.states.get(conn.server_id)
         if state is None or conn not in state.connections:
@@ -115,10 +127,19 @@ class Pool:
 
     def _update(self, state: ServerState) -> None:
         """Recompute a server's health and state; drop cached candidates if they changed."""
+        for conn in state.connections:
+            if conn.goodbye is not None:
+                state.goodbye = conn.goodbye  # kept until a new connection is attached
+        self._recompute(state)
+
+    def _recompute(self, state: ServerState) -> None:
         view = state.view
         open_conns = state.open_connections()
         if state.removed:
             new_state = "removed"
+        elif not open_conns and state.goodbye is not None:
+            new_state = "draining"  # it said it is going away: an orderly stop, not a fault
+            view.last_error = f"said goodbye: {state.goodbye}"
         elif not open_conns:
             new_state = "unhealthy" if view.state != "connecting" or view.last_error else \
                 "connecting"
@@ -127,6 +148,8 @@ class Pool:
             view.last_error = "stopped answering heartbeats"
         elif any(c.draining for c in open_conns):
             new_state = "draining"
+            if state.goodbye is not None:
+                view.last_error = f"said goodbye: {state.goodbye}"
         elif state.ejected_until > clock():
             new_state = "ejected"
         else:

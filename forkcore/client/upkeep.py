@@ -111,6 +111,17 @@ class Upkeep:
 
     def _failed_to_connect(self, endpoint: str, exc: ForkcoreError) -> None:
         self.last_error = self.endpoint_errors[endpoint] = str(exc)
+        self.pool.gone(endpoint, str(exc))
+
+
+def _log_lost(conn: ClientConnection) -> None:
+    """A server that said goodbye stopped in order (INFO); any other loss is a WARNING."""
+    if conn.goodbye is not None:
+        log.info("server %s at %s said goodbye (%s); reconnecting", conn.server_id,
+                 conn.endpoint, conn.goodbye)
+    else:
+        log.warning("lost connection to server %s at %s (%s); reconnecting", conn.server_id,
+                    conn.endpoint, conn.last_error)
 
 
 class SingleUpkeep(Upkeep):
@@ -222,8 +233,7 @@ class SingleUpkeep(Upkeep):
             if self._connected.is_set():  # never replace an event someone waits on
                 self._connected = anyio.Event()
         self.last_error = conn.last_error
-        log.warning("lost connection to server %s at %s (%s); reconnecting", conn.server_id,
-                    conn.endpoint, conn.last_error)
+        _log_lost(conn)
 
 
 class MultiUpkeep(Upkeep):
@@ -310,9 +320,7 @@ class MultiUpkeep(Upkeep):
                     try:
                         conn = await self.session(endpoint, opened)
                         if endpoint not in self.retired:
-                            log.warning("lost connection to server %s at %s (%s); "
-                                        "reconnecting", conn.server_id, endpoint,
-                                        conn.last_error)
+                            _log_lost(conn)
                     except (ConnectError, Unauthorized) as exc:
                         self._failed_to_connect(endpoint, exc)
                         if not started:

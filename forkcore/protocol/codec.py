@@ -101,22 +101,53 @@ def _encode_datetime(encoder: Any, value: datetime.datetime) -> None:
         encoder.encode_semantic(TAG_DATETIME, value.isoformat())
 
 
+class _Unsupported(WireTypeError):
+    """Raised mid-encoding with the offending value, so the message can say where it is."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__(type(value).__qualname__)
+        self.value = value
+
+
 def _refuse(encoder: Any, value: Any) -> None:
-    raise WireTypeError(_unsupported(value))
+    raise _Unsupported(value)
 
 
-def _unsupported(value: Any) -> str:
+def _unsupported(value: Any, where: str | None) -> str:
+    place = f" (at {where})" if where else ""
     return (
-        f"a {type(value).__qualname__} cannot cross the wire: use None, bool, int, float, str, "
-        "bytes, list, tuple, dict, uuid.UUID, datetime, or an attrs class registered with "
-        "@forkcore.wire_type"
+        f"a value of type {type(value).__qualname__}{place} cannot cross the wire: use None, "
+        "bool, int, float, str, bytes, list, tuple, dict, uuid.UUID, datetime, or an attrs "
+        "class registered with @forkcore.wire_type"
     )
+
+
+def path_to(root: Any, target: Any, name: str, depth: int = 0) -> str | None:
+    """Where `target` sits inside `root` (by identity), as `name[1]['pos']`, or None."""
+    if root is target:
+        return name
+    if depth > DEFAULT_MAX_DEPTH:
+        return None
+    items: Any = ()
+    if isinstance(root, list | tuple):
+        items = enumerate(root)
+    elif isinstance(root, dict):
+        items = root.items()
+    elif type(root) in _by_class:
+        items = ((f, getattr(root, f)) for f in _by_class[type(root)].fields)
+        return next((p for f, v in items
+                     if (p := path_to(v, target, f"{name}.{f}", depth + 1))), None)
+    for k, v in items:
+        found = path_to(v, target, f"{name}[{k!r}]", depth + 1)
+        if found:
+            return found
+    return None
 
 
 def _default(encoder: Any, value: Any) -> None:
     entry = _by_class.get(type(value))
     if entry is None:
-        raise WireTypeError(_unsupported(value))
+        raise _Unsupported(value)
     encoder.encode_semantic(
         TAG_WIRE_TYPE, [entry.name, {f: getattr(value, f) for f in entry.fields}]
     )
@@ -163,30 +194,36 @@ def _plain(value: Any, depth: int) -> bool:
     return False
 
 
-def encode_if_plain(item: Any, *parts: Any) -> bytes:
+def encode_if_plain(item: Any, *parts: Any, names: tuple[str, ...] = ()) -> bytes:
     """`encode(item)`, where everything in `item` outside `parts` is known to be plain
-    (a message's own fields): only the parts are scanned."""
+    (a message's own fields): only the parts are scanned. `names` name the parts in the
+    error about a value that cannot cross (`args`, `result`, ...)."""
     for part in parts:
         t = type(part)
         if t in _PLAIN_TYPES or ((t is list or t is dict) and not part):
             continue  # the common cases, without a call
         if not _plain(part, 1):
-            return _encode_general(item)
+            return _encode_general(item, parts, names)
     try:
         return _dumps(item)
     except (cbor2.CBOREncodeError, ValueError, TypeError):
-        return _encode_general(item)  # says what is wrong
+        return _encode_general(item, parts, names)  # says what is wrong
 
 
 def encode(value: Any) -> bytes:
     """Encode one value (a message body) to CBOR, or raise `WireTypeError`."""
-    return encode_if_plain(value, value)
+    return encode_if_plain(value, value, names=("value",))
 
 
-def _encode_general(value: Any) -> bytes:
+def _encode_general(value: Any, parts: tuple[Any, ...] = (),
+                    names: tuple[str, ...] = ()) -> bytes:
     """Encode with our encoders for tuples, datetimes, wire types and refused types."""
     try:
         return cbor2.dumps(value, encoders=_ENCODERS, default=_default)
+    except _Unsupported as exc:
+        where = next((p for part, name in zip(parts, names, strict=False)
+                      if (p := path_to(part, exc.value, name))), None)
+        raise WireTypeError(_unsupported(exc.value, where)) from None
     except WireTypeError:
         raise
     except (cbor2.CBOREncodeError, ValueError, TypeError, RecursionError) as exc:

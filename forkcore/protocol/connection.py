@@ -23,10 +23,13 @@ from .messages import (
     Goodbye,
     Hello,
     Message,
+    OneWay,
     Welcome,
     from_wire,
     to_wire,
 )
+
+ARGUMENT_NAMES = ("args", "kwargs", "headers")  # how an encoding error names the parts
 
 
 class State(Enum):
@@ -68,7 +71,11 @@ class ProtocolConnection:
                 self.state = State.OPEN
             elif t is AuthChallenge:
                 self._expect = (AuthProof,)
-        body = codec.encode(to_wire(msg))
+        if isinstance(msg, OneWay):  # its arguments, named, are what may not cross
+            body = codec.encode_if_plain(to_wire(msg), msg.args, msg.kwargs, msg.headers,
+                                         names=ARGUMENT_NAMES)
+        else:
+            body = codec.encode(to_wire(msg))
         cipher = self.cipher
         return body if cipher is None else cipher.seal(body)
 
@@ -81,16 +88,17 @@ class ProtocolConnection:
         encoders. Without headers the array has no ninth element."""
         if headers:
             body = codec.encode_if_plain([REQUEST, rid, interface, key, method, args, kwargs,
-                                          timeout, headers], args, kwargs, headers)
+                                          timeout, headers], args, kwargs, headers,
+                                         names=ARGUMENT_NAMES)
         else:
             body = codec.encode_if_plain([REQUEST, rid, interface, key, method, args,
-                                          kwargs, timeout], args, kwargs)
+                                          kwargs, timeout], args, kwargs, names=ARGUMENT_NAMES)
         cipher = self.cipher
         return body if cipher is None else cipher.seal(body)
 
     def encode_response(self, rid: int, result: Any) -> bytes:
         """The frame body of a Response on an open connection (see `encode_request`)."""
-        body = codec.encode_if_plain([RESPONSE, rid, result], result)
+        body = codec.encode_if_plain([RESPONSE, rid, result], result, names=("result",))
         cipher = self.cipher
         return body if cipher is None else cipher.seal(body)
 
