@@ -109,8 +109,7 @@ class MethodSpec:
     idempotent: bool = False
     timeout: float | None = None
     # raises TypeError, as Python would, for arguments the interface's signature refuses
-    check_arguments: Callable[[tuple[Any, ...], dict[str, Any]], None] | None = attrs.field(
-        default=None, eq=False, repr=False)
+    check_arguments: ArgumentCheck | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def waits_for_result(self) -> bool:
@@ -228,12 +227,33 @@ def _collect_methods(cls: type) -> dict[str, MethodSpec]:
     return methods
 
 
-def argument_checker(cls: type, name: str, stub: Callable[..., Any]
-                     ) -> Callable[[tuple[Any, ...], dict[str, Any]], None]:
-    """A check of call arguments against `stub`'s signature that costs one comparison for
-    the common call (positional arguments only, a count the signature takes) and binds
-    the signature otherwise, so the caller gets Python's own TypeError, locally, instead
-    of `grain raised TypeError` after a round trip."""
+class ArgumentCheck:
+    """A check of call arguments against an interface method's signature. The common
+    call (positional arguments only, a count the signature takes) passes on one
+    comparison the caller makes itself (`fewest <= len(args) <= most`, no keywords);
+    anything else binds the signature, so the caller gets Python's own TypeError,
+    locally, instead of `grain raised TypeError` after a round trip."""
+
+    __slots__ = ("fewest", "most", "qualname", "signature")
+
+    def __init__(self, signature: inspect.Signature, fewest: float, most: float,
+                 qualname: str) -> None:
+        self.signature = signature
+        self.fewest = fewest
+        self.most = most
+        self.qualname = qualname
+
+    def __call__(self, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> None:
+        if not kwargs and self.fewest <= len(args) <= self.most:
+            return
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.qualname}: {exc}") from None
+
+
+def argument_checker(cls: type, name: str, stub: Callable[..., Any]) -> ArgumentCheck:
+    """The `ArgumentCheck` of interface method `name` (the stub `stub`)."""
     signature = inspect.signature(stub)
     params = list(signature.parameters.values())[1:]  # without self
     signature = signature.replace(parameters=params)
@@ -245,17 +265,7 @@ def argument_checker(cls: type, name: str, stub: Callable[..., Any]
         fewest = math.inf  # a required keyword-only argument: always bind
     most = math.inf if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params) \
         else len(positional)
-    qualname = f"{cls.__qualname__}.{name}()"
-
-    def check(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not kwargs and fewest <= len(args) <= most:
-            return
-        try:
-            signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{qualname}: {exc}") from None
-
-    return check
+    return ArgumentCheck(signature, fewest, most, f"{cls.__qualname__}.{name}()")
 
 
 def interface_spec(interface: type[GrainInterface] | Any) -> InterfaceSpec:

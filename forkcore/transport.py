@@ -71,7 +71,8 @@ class StreamChannel:
         self._other = "server" if side == "client" else "client"
         self.received_at = clock()
         self._send_timeout = send_timeout
-        self._piece_since: float | None = None  # a piece is going out since (watchdog)
+        self._sending = False  # a piece is going out (read by the send watchdog)
+        self._pieces_sent = 0
         self._stream = stream
         self._decoder = FrameDecoder(max_frame_size, preamble=True)
         self._frames: deque[bytes] = deque()
@@ -150,6 +151,10 @@ class StreamChannel:
             pending.append(data[sent:])
         self._pending_bytes = len(data) - sent
 
+    def over_high_water(self) -> bool:
+        """Whether `drain()` would wait (or raise): a check without a coroutine."""
+        return self._pending_bytes > self.HIGH_WATER or self._closed
+
     async def drain(self) -> None:
         while self._pending_bytes > self.HIGH_WATER and not self._closed:
             if self._drained.is_set():
@@ -210,6 +215,12 @@ class StreamChannel:
                     if self._send_timeout is None:
                         await self._stream.send(data)
                         self._pending_bytes -= len(data)
+                    elif len(data) <= self.SEND_PIECE:  # one piece (_send_in_pieces, inline)
+                        self._sending = True
+                        await self._stream.send(data)
+                        self._sending = False
+                        self._pieces_sent += 1
+                        self._pending_bytes -= len(data)
                     else:
                         await self._send_in_pieces(data)
                 finally:
@@ -230,9 +241,10 @@ class StreamChannel:
         piece_size = self.SEND_PIECE
         for start in range(0, len(data), piece_size):
             piece = data if len(data) <= piece_size else data[start:start + piece_size]
-            self._piece_since = clock()
+            self._sending = True
             await self._stream.send(piece)
-            self._piece_since = None
+            self._sending = False
+            self._pieces_sent += 1
             self._pending_bytes -= len(piece)
             if self._pending_bytes <= self.HIGH_WATER:
                 self._drained.set()
@@ -242,10 +254,13 @@ class StreamChannel:
         peer stopped reading. One task per channel that wakes a few times per timeout,
         instead of a cancel scope around every write (which would cost more than the
         rest of a small call)."""
+        seen, since = -1, clock()
         while not self._closed:
             await anyio.sleep(min(timeout / 4, 1.0))
-            since = self._piece_since
-            if since is not None and clock() - since > timeout:
+            now = clock()
+            if not self._sending or self._pieces_sent != seen:
+                seen, since = self._pieces_sent, now  # idle, or it made progress
+            elif now - since > timeout:
                 log.warning("closing connection to %s: it took none of the %d bytes queued "
                             "for it for %gs (send_timeout): it stopped reading", self.peer,
                             self._pending_bytes, timeout)

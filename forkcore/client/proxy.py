@@ -3,6 +3,7 @@ whose methods forward to the client with the method's options already resolved."
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
@@ -34,9 +35,10 @@ def _forwarder(method: MethodSpec) -> Any:
     # a plain function returning the client's coroutine: awaiting it is the same, and
     # a suspended call resumes through one frame fewer
     check = method.check_arguments
+    fewest, most = (check.fewest, check.most) if check is not None else (0, math.inf)
 
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if check is not None:
+        if (kwargs or not fewest <= len(args) <= most) and check is not None:
             check(args, kwargs)  # a wrong call is the caller's TypeError, raised here
         ref: GrainRef = self._ref
         return ref.client.invoke(ref.grain_id, ref.affinity, method, list(args), kwargs)

@@ -139,7 +139,7 @@ class SingleUpkeep(Upkeep):
 
     def route(self, grain_id: GrainId, affinity: Affinity | None) -> ServerState:
         conn = self.active
-        if conn is None or not self._usable(conn):
+        if conn is None or conn.closed or conn.draining or not conn.responsive:  # _usable
             if self._connected.is_set():
                 self._connected = anyio.Event()  # resends wait for the next connection
             raise NoServerAvailable(self._unavailable(grain_id.interface))

@@ -168,6 +168,8 @@ class Session:
         self.peer = peer  # for messages: "server s1 (127.0.0.1:11111)", an address, ...
         self.handler = handler
         self.codec = ProtocolConnection(self.side, max_depth=max_depth)
+        self._encode_request = self.codec.encode_request  # bound once: the hot paths
+        self._encode_response = self.codec.encode_response
         self.phase = Phase.START
         self.outgoing: list[bytes] = []  # frame bodies queued by the session itself
         self.peer_draining = False  # the peer said Goodbye
@@ -194,14 +196,29 @@ class Session:
         if code == RESPONSE and type(code) is int and len(item) == 3 \
                 and type(item[1]) is int:
             # the hot path: a result, without building a Response
-            waiter = self.pending.pop(item[1], None)
+            pending = self.pending
+            waiter = pending.pop(item[1], None)
             if waiter is None:
                 return self._unmatched(item[1])
             waiter.resolve(item[2])
-            self._trim_deadlines()
+            deadlines = self.deadlines  # (_trim_deadlines, inline: once per answer)
+            while deadlines and deadlines[0][1] not in pending:
+                heapq.heappop(deadlines)
             return True
         if code == REQUEST and type(code) is int:
-            self._on_request(*request_fields(item))  # the hot path, without a Request
+            # the hot path, without a Request (and `_on_request`, inline)
+            fields = request_fields(item)
+            rid = fields[0]
+            serving = self.serving
+            if rid in serving:
+                raise ProtocolError(f"request id {rid} is already in flight")
+            handler = self.handler
+            if handler is None:
+                self._on_request(*fields)
+                return False
+            token = handler.on_request(*fields)
+            if token is not None:
+                serving[rid] = token
             return False
         msg = from_wire(item)
         action = OPEN[self.side].get(type(msg))
@@ -258,8 +275,8 @@ class Session:
         rid = self._next_id
         self._next_id = rid + 1
         remaining = deadline - now
-        body = self.codec.encode_request(rid, interface, key, method, args, kwargs,
-                                         remaining if remaining > 0.0 else 0.0, headers)
+        body = self._encode_request(rid, interface, key, method, args, kwargs,
+                                    remaining if remaining > 0.0 else 0.0, headers)
         self.pending[rid] = waiter
         heapq.heappush(self.deadlines, (deadline, rid, interface, method))
         return rid, body
@@ -341,7 +358,7 @@ class Session:
     def respond(self, rid: int, result: Any) -> bytes:
         """The Response to request `rid` of the peer (`WireTypeError` if `result`
         cannot cross: answer with `fail` then)."""
-        body = self.codec.encode_response(rid, result)
+        body = self._encode_response(rid, result)
         self.serving.pop(rid, None)
         return body
 

@@ -29,7 +29,7 @@ def admit(targets: Targets, interface: str, method: str, identity: Identity, *,
           draining: bool, busy: int, max_in_flight: int) -> bool | Refusal:
     """The call's reentrancy if the server takes it, else why not. `busy` is what the
     connection has queued or running (calls and one-way calls)."""
-    target = targets.get((interface, method))
+    target = targets.table.get((interface, method))
     if target is None:
         return Refusal(FailureKind.NOT_FOUND, "MethodNotFound",
                        targets.explain(interface, method))
