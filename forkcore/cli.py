@@ -14,6 +14,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -95,13 +96,15 @@ def _parser() -> argparse.ArgumentParser:
                     "line on stderr.",
                     "  forkcore call -c client.toml counter alice add 5\n"
                     "  forkcore call -c client.toml counter alice add -1\n"
-                    "  forkcore call -c client.toml greeter g1 greet '\"world\"'")
+                    "  forkcore call -c client.toml greeter g1 greet '\"world\"'\n"
+                    "  forkcore call -c client.toml shop s1 buy '\"apple\"' count=3")
     _config_arg(call, "client")
     call.add_argument("interface", help="the interface's wire name (e.g. counter)")
     call.add_argument("key", help="grain key: a JSON int or string, else taken as a string")
     call.add_argument("method", help="the method to call")
     call.add_argument("args", nargs="*", default=[], metavar="ARG",
-                      help="arguments, each JSON (strings quoted: '\"text\"'); optional")
+                      help="arguments, each JSON (strings quoted: '\"text\"'), or NAME=JSON "
+                           "for a keyword argument (after the positional ones); optional")
 
     status = _command(sub, flags, "status", "the client's view of its servers",
                       "One table: each server's state, RTT, interfaces and its own counters; "
@@ -184,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _check_arguments(args: argparse.Namespace) -> None:
     """Refuse wrong command-line arguments before anything is read or connected."""
     if args.command == "call":
-        args.values = [_json_argument(i, text) for i, text in enumerate(args.args, 1)]
+        args.values, args.keywords = _call_arguments(args.args)
     elif args.command == "status":
         if args.interval <= 0:
             raise UsageError(f"--interval must be greater than 0 (got {args.interval:g})")
@@ -195,6 +198,29 @@ def _check_arguments(args: argparse.Namespace) -> None:
                 raise UsageError(f"--count must be at least 1 (got {args.count})")
     elif args.command == "demo" and args.players < 1:
         raise UsageError(f"--players must be at least 1 (got {args.players})")
+
+
+_KEYWORD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
+
+
+def _call_arguments(texts: list[str]) -> tuple[list[Any], dict[str, Any]]:
+    """Positional JSON arguments, then NAME=JSON keyword arguments, as Python orders
+    them. (`name=...` is never JSON, so the two cannot be confused.)"""
+    values: list[Any] = []
+    keywords: dict[str, Any] = {}
+    for position, text in enumerate(texts, 1):
+        match = _KEYWORD.fullmatch(text)
+        if match is None:
+            if keywords:
+                raise UsageError(f"argument {position} ({text!r}) is positional but comes "
+                                 "after a keyword argument: put NAME=JSON arguments last")
+            values.append(_json_argument(position, text))
+            continue
+        name, value = match.groups()
+        if name in keywords:
+            raise UsageError(f"keyword argument {name!r} is given twice")
+        keywords[name] = _json_argument(position, value)
+    return values, keywords
 
 
 def _not_json(constant: str) -> Any:
@@ -274,7 +300,7 @@ def _cmd_call(args: argparse.Namespace) -> int:
     async def call_once() -> Any:
         async with client:
             return await client.call(args.interface, parse_key(args.key), args.method,
-                                     *args.values)
+                                     *args.values, **args.keywords)
 
     result = run(args, call_once)
     print(result_json(result))
