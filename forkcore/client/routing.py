@@ -20,7 +20,7 @@ from .views import ServerView
 AffinityOf = Callable[[GrainId, Sequence[ServerView]], Affinity | None]
 
 
-def route(pool: Pool, grain_id: GrainId, affinity: Affinity | None, *,
+def route(pool: Pool, grain_id: GrainId, affinity: Affinity | None,
           policy: AffinityOf | None, strategy: Strategy, strategy_name: str) -> ServerState:
     """The server for a call to `grain_id`, or `NoServerAvailable` saying why none."""
     candidates = pool.candidates(grain_id.interface)

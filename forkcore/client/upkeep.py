@@ -262,8 +262,8 @@ class MultiUpkeep(Upkeep):
     def route(self, grain_id: GrainId, affinity: Affinity | None) -> ServerState:
         if not self.open and not self.pool.candidates(grain_id.interface):
             raise self.not_connected()
-        return route(self.pool, grain_id, affinity, policy=self.policy,
-                     strategy=self.strategy, strategy_name=self.options.strategy)
+        return route(self.pool, grain_id, affinity, self.policy, self.strategy,
+                     self.options.strategy)
 
     def failed(self, state: ServerState) -> None:
         pool = self.pool

@@ -228,9 +228,8 @@ class ServerConnection:
         server = self.server
         identity = self.session.identity
         session = self.session
-        verdict = admit(server.targets, interface, method, identity,
-                        draining=server.draining, busy=len(session.serving) + self.one_ways,
-                        max_in_flight=server.max_in_flight)
+        verdict = admit(server.targets, interface, method, identity, server.draining,
+                        len(session.serving) + self.one_ways, server.max_in_flight)
         if type(verdict) is Refusal:
             self.send(session.fail(rid, verdict.kind, verdict.type_name, verdict.message))
             return None

@@ -25,7 +25,7 @@ class Refusal:
     message: str
 
 
-def admit(targets: Targets, interface: str, method: str, identity: Identity, *,
+def admit(targets: Targets, interface: str, method: str, identity: Identity,
           draining: bool, busy: int, max_in_flight: int) -> bool | Refusal:
     """The call's reentrancy if the server takes it, else why not. `busy` is what the
     connection has queued or running (calls and one-way calls)."""
