@@ -68,8 +68,9 @@ class Channel(Protocol):
 
     peer: str
     secure: bool
-    # `time.monotonic()` when bytes last arrived from the peer, even part of a frame: a
-    # large message still arriving proves the peer alive (the client's heartbeat reads it)
+    # `time.monotonic()` when bytes last arrived from the peer, at least those that did
+    # not complete a frame: a large message still arriving proves the peer alive (the
+    # client's heartbeat reads it; whole messages it counts itself)
     received_at: float
 
     def send(self, body: bytes, delivery: str = "reliable") -> None:

@@ -175,9 +175,13 @@ class StreamChannel:
                 self._closed = True
                 self._wake.set()
                 raise ConnectError(f"connection to {self.peer} closed") from exc
-            self.received_at = clock()
             try:
                 frames.extend(self._decoder.feed(data))
+                if not frames:
+                    # bytes of a frame still arriving: proof the peer lives although no
+                    # message came (a whole frame is the reader's proof, so a read that
+                    # completes one skips the clock)
+                    self.received_at = clock()
             except WrongPeer as exc:
                 self._closed = True
                 self._wake.set()
