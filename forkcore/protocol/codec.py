@@ -20,6 +20,7 @@ import fractions
 import io
 import ipaddress
 import re
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -489,18 +490,39 @@ class _NonStringKey(Exception):
     """A map in the frame has a key that is neither a text nor a byte string."""
 
 
+def _new_decoder(fp: Any, max_depth: int, semantic: dict[int, Any], strict: bool) -> Any:
+    return cbor2.CBORDecoder(fp, semantic_decoders=semantic, tag_hook=_unknown_tag,
+                             max_depth=max_depth, allow_indefinite=False,
+                             allow_duplicate_keys=False, strict_hashable_types=strict)
+
+
+class _Decoders(threading.local):
+    """One reusable strict decoder per thread and depth limit: building a CBORDecoder
+    with its options costs more than decoding a small frame. Reuse is safe because every
+    tag that keeps state between items (shared values 28/29, string references 25/256)
+    is refused, and a decoder that raised is dropped, not reused."""
+
+    def __init__(self) -> None:
+        self.by_depth: dict[int, Any] = {}
+
+
+_decoders = _Decoders()
+
+
 def _decode(data: bytes, max_depth: int, semantic: dict[int, Any], strict: bool) -> Any:
     fp = io.BytesIO(data)
+    cached = _decoders.by_depth if semantic is _SEMANTIC and strict else None
     try:
-        value = cbor2.CBORDecoder(
-            fp,
-            semantic_decoders=semantic,
-            tag_hook=_unknown_tag,
-            max_depth=max_depth,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-            strict_hashable_types=strict,
-        ).decode()
+        if cached is None:
+            value = _new_decoder(fp, max_depth, semantic, strict).decode()
+        else:
+            decoder = cached.pop(max_depth, None)  # held by this call until it succeeds
+            if decoder is None:
+                decoder = _new_decoder(fp, max_depth, semantic, strict)
+            else:
+                decoder.fp = fp
+            value = decoder.decode()
+            cached[max_depth] = decoder
     except ProtocolError:
         raise
     except cbor2.CBORDecodeError as exc:
