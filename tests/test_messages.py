@@ -179,3 +179,35 @@ def test_admission_explains_what_is_hosted() -> None:
                     max_in_flight=8)
     assert isinstance(verdict, Refusal)
     assert "hosts no interface 'adm.other' (it hosts: adm.counter)" in verdict.message
+
+
+def test_the_reused_decoder_forgets_a_failed_frame() -> None:
+    """The strict decoder is reused between frames; one that raised is not, so a frame
+    that broke it (too deep, truncated, a refused tag) cannot spoil the next ones."""
+    import threading
+
+    import cbor2
+
+    deep: Any = 1
+    for _ in range(60):
+        deep = [deep]
+    too_deep: Any = deep
+    for _ in range(10):
+        too_deep = [too_deep]
+    for bad in (cbor2.dumps(too_deep), cbor2.dumps([1, 2])[:-1],
+                cbor2.dumps(cbor2.CBORTag(28, [1])), cbor2.dumps({1: "a"}) + b"\x00"):
+        with pytest.raises(ProtocolError):
+            codec.decode(bad)
+        assert codec.decode(cbor2.dumps(deep)) == deep
+        assert codec.decode(cbor2.dumps({(1, 2): "k"})) == {(1, 2): "k"}  # the guarded path
+    results: list[Any] = []
+
+    def decode_many() -> None:
+        results.extend(codec.decode(cbor2.dumps([n, "x" * n])) for n in range(500))
+
+    threads = [threading.Thread(target=decode_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(results) == 2000 and all(r[1] == "x" * r[0] for r in results)
