@@ -151,10 +151,6 @@ class StreamChannel:
             pending.append(data[sent:])
         self._pending_bytes = len(data) - sent
 
-    def over_high_water(self) -> bool:
-        """Whether `drain()` would wait (or raise): a check without a coroutine."""
-        return self._pending_bytes > self.HIGH_WATER or self._closed
-
     async def drain(self) -> None:
         while self._pending_bytes > self.HIGH_WATER and not self._closed:
             if self._drained.is_set():

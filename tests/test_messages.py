@@ -181,9 +181,10 @@ def test_admission_explains_what_is_hosted() -> None:
     assert "hosts no interface 'adm.other' (it hosts: adm.counter)" in verdict.message
 
 
-def test_the_reused_decoder_forgets_a_failed_frame() -> None:
-    """The strict decoder is reused between frames; one that raised is not, so a frame
-    that broke it (too deep, truncated, a refused tag) cannot spoil the next ones."""
+def test_a_failed_frame_does_not_spoil_the_next_ones() -> None:
+    """The strict decoder is reused between frames (and dropped after one that raised):
+    frames after a broken one (too deep, truncated, a refused tag, trailing bytes) still
+    decode, on the strict path and the guarded one, and threads do not share one."""
     import threading
 
     import cbor2

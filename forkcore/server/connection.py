@@ -54,9 +54,10 @@ MAX_ERROR_MESSAGE = 8192  # characters of a grain exception's message sent to th
 class ServerConnection:
     """One accepted client connection: handshake, then requests until it closes.
 
-    It reads the next request only once the channel's unsent answers are below its
+    Every eighth request it waits until the channel's unsent answers are below its
     high-water mark, so what a client that stops reading can make it hold is that mark
-    plus the answers of the calls already admitted (at most `max_in_flight`)."""
+    plus eight answers plus those of the calls already admitted (at most
+    `max_in_flight`)."""
 
     __slots__ = ("channel", "client_id", "dropped", "dropped_logged_at", "one_ways",
                  "scope", "server", "session")
@@ -143,8 +144,6 @@ class ServerConnection:
                     self.goodbye("draining")
                 receive = self.channel.receive
                 drain = self.channel.drain
-                # a channel that can say it is backlogged without a coroutine (ours can)
-                over_high_water = getattr(self.channel, "over_high_water", None)
                 reads = 0
                 deliver = session.receive
                 outgoing = session.outgoing
@@ -153,11 +152,10 @@ class ServerConnection:
                     # more of its requests (drain returns at once unless backlogged), so
                     # TCP blocks the sender instead of our memory growing
                     reads += 1
-                    if reads & 7 == 0 or over_high_water is None:
-                        # a check every eighth request bounds the backlog to the mark
-                        # plus eight answers, at an eighth of the cost
-                        if over_high_water is None or over_high_water():
-                            await drain()
+                    if reads & 7 == 0:
+                        # every eighth request: the backlog stays within the mark plus
+                        # eight answers, at an eighth of the cost of a check per request
+                        await drain()
                     deliver(await receive())
                     if outgoing:
                         self._flush()

@@ -12,7 +12,8 @@ import selectors
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,19 @@ def of_kind(spans: list[ReadableSpan], kind: SpanKind) -> list[ReadableSpan]:
     return [s for s in spans if s.kind is kind]
 
 
+@asynccontextmanager
+async def traced_pair(otel: Telemetry, transport: str) -> AsyncIterator[forkcore.Client]:
+    """A server and a client, both with the opentelemetry interceptor on `otel`."""
+    async with forkcore.Server(id="s1", transport=transport, grains=[Peek],
+                               interceptors=["opentelemetry"],
+                               interceptor_options=traced(otel)) as server:
+        assert server.endpoint
+        async with forkcore.Client(servers=[server.endpoint], transport=transport,
+                                   interceptors=["opentelemetry"],
+                                   interceptor_options=traced(otel)) as client:
+            yield client
+
+
 def traced(otel: Telemetry) -> dict[str, Any]:
     return {"opentelemetry": {"tracer_provider": otel.tracer_provider}}
 
@@ -99,20 +113,14 @@ def test_otel_interceptor_options_are_checked_when_built() -> None:
 
 async def test_server_span_is_the_child_of_the_client_span(otel: Telemetry,
                                                            transport: str) -> None:
-    async with forkcore.Server(id="s1", transport=transport, grains=[Peek],
-                               interceptors=["opentelemetry"],
-                               interceptor_options=traced(otel)) as server:
-        assert server.endpoint
-        async with forkcore.Client(servers=[server.endpoint], transport=transport,
-                                   interceptors=["opentelemetry"],
-                                   interceptor_options=traced(otel)) as client:
-            tracer = otel.tracer_provider.get_tracer("test")
-            with anyio.fail_after(WAIT):
-                with tracer.start_as_current_span("request") as root, \
-                        forkcore.call_context(user="ann"):
-                    seen = await client.get_grain(IPeek, "k").context()
-                # no current span: the client span is a root of its own trace
-                await client.get_grain(IPeek, "k").context()
+    async with traced_pair(otel, transport) as client:
+        tracer = otel.tracer_provider.get_tracer("test")
+        with anyio.fail_after(WAIT):
+            with tracer.start_as_current_span("request") as root, \
+                    forkcore.call_context(user="ann"):
+                seen = await client.get_grain(IPeek, "k").context()
+            # no current span: the client span is a root of its own trace
+            await client.get_grain(IPeek, "k").context()
 
     spans = otel.spans()
     [first_client, second_client] = of_kind(spans, SpanKind.CLIENT)
@@ -144,15 +152,9 @@ async def test_server_span_is_the_child_of_the_client_span(otel: Telemetry,
 
 async def test_errors_mark_both_spans_with_the_type_only(otel: Telemetry,
                                                          transport: str) -> None:
-    async with forkcore.Server(id="s1", transport=transport, grains=[Peek],
-                               interceptors=["opentelemetry"],
-                               interceptor_options=traced(otel)) as server:
-        assert server.endpoint
-        async with forkcore.Client(servers=[server.endpoint], transport=transport,
-                                   interceptors=["opentelemetry"],
-                                   interceptor_options=traced(otel)) as client:
-            with anyio.fail_after(WAIT), pytest.raises(RemoteError):
-                await client.get_grain(IPeek, "k").fail()
+    async with traced_pair(otel, transport) as client:
+        with anyio.fail_after(WAIT), pytest.raises(RemoteError):
+            await client.get_grain(IPeek, "k").fail()
     [client_span] = of_kind(otel.spans(), SpanKind.CLIENT)
     [server_span] = of_kind(otel.spans(), SpanKind.SERVER)
     assert parent_id(server_span) == hex_ids(client_span)[1]
