@@ -81,6 +81,23 @@ async def test_a_forkcore_server_tells_a_stranger_apart(
                for r in caplog.records)
 
 
+async def test_a_client_of_another_version_is_told_apart_by_the_server(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "forkcore.server")
+    async with forkcore.Server(id="w4", grains=["grains_sample"]) as server:
+        host, port = (server.endpoint or "").rsplit(":", 1)
+        async with await anyio.connect_tcp(host, int(port)) as stream:
+            await stream.send(b"FKC\x07" + b"\x00" * 8)  # a future client's preamble
+            with anyio.fail_after(5):
+                try:
+                    while await stream.receive():
+                        pass
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    pass  # closed by the server
+    assert any("speaks forkcore protocol version 7, this side speaks 1" in r.getMessage()
+               for r in caplog.records)
+
+
 async def test_a_tcp_client_at_a_udp_server_hints_at_the_transport() -> None:
     async with forkcore.Server(id="w2", transport="udp", grains=["grains_sample"]) as server:
         message = await connect_error(server.endpoint or "")

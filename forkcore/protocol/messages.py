@@ -490,10 +490,6 @@ def from_wire(item: Any) -> Message:
     return result
 
 
-def layout_of(cls: type) -> Layout:
-    return _BY_CLASS[cls]
-
-
 def fields_of(msg: Message) -> tuple[Any, ...]:
     """The values of `msg`'s fields, in wire order."""
     return tuple(getattr(msg, name) for name in _BY_CLASS[type(msg)].names)

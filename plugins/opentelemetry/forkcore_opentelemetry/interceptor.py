@@ -25,7 +25,6 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
 
 from forkcore import CallInfo
-from forkcore.errors import ConfigError
 from forkcore.grains import GrainId
 from forkcore.interceptors import Proceed
 
@@ -40,6 +39,8 @@ from .observer import (
     CALL_SPAN,
     INSTRUMENTATION_NAME,
     MAX_ROUTES,
+    check_options,
+    check_provider,
 )
 
 __all__ = ["CALL_SPAN", "OpenTelemetryInterceptor", "opentelemetry_interceptor"]
@@ -130,13 +131,7 @@ async def _traced(span: Span, proceed: Proceed) -> Any:
 def opentelemetry_interceptor(**options: Any) -> OpenTelemetryInterceptor:
     """The factory registered as interceptor `opentelemetry`: called with
     `interceptor_options["opentelemetry"]` of the `[client]` or `[server]`."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"interceptor 'opentelemetry' has no option {unknown[0]!r}; its "
-                          f"options are: {', '.join(OPTIONS)}")
-    tracer_provider = options.get("tracer_provider")
-    if tracer_provider is not None and not hasattr(tracer_provider, "get_tracer"):
-        raise ConfigError("interceptor 'opentelemetry': option 'tracer_provider' must be an "
-                          "opentelemetry.trace.TracerProvider (pass it from Python), not "
-                          f"{tracer_provider!r}")
-    return OpenTelemetryInterceptor(tracer_provider=tracer_provider)
+    check_options("interceptor 'opentelemetry'", options, OPTIONS)
+    check_provider("interceptor 'opentelemetry'", options, "tracer_provider", "get_tracer",
+                   "opentelemetry.trace.TracerProvider")
+    return OpenTelemetryInterceptor(tracer_provider=options.get("tracer_provider"))

@@ -399,22 +399,31 @@ def _histogram(meter: Meter) -> Histogram:
 def opentelemetry_observer(**options: Any) -> OpenTelemetryObserver:
     """The factory registered as observer `opentelemetry`: called with the client's
     `observer_options["opentelemetry"]`."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"observer 'opentelemetry' has no option {unknown[0]!r}; its "
-                          f"options are: {', '.join(OPTIONS)}")
+    check_options("observer 'opentelemetry'", options, OPTIONS)
     for flag in ("metrics", "traces"):
         if not isinstance(options.get(flag, True), bool):
             raise ConfigError(f"observer 'opentelemetry': option {flag!r} must be true or "
                               f"false, not {options[flag]!r}")
-    meter_provider = options.get("meter_provider")
-    if meter_provider is not None and not hasattr(meter_provider, "get_meter"):
-        raise ConfigError("observer 'opentelemetry': option 'meter_provider' must be an "
-                          "opentelemetry.metrics.MeterProvider (pass it from Python), not "
-                          f"{meter_provider!r}")
-    tracer_provider = options.get("tracer_provider")
-    if tracer_provider is not None and not hasattr(tracer_provider, "get_tracer"):
-        raise ConfigError("observer 'opentelemetry': option 'tracer_provider' must be an "
-                          "opentelemetry.trace.TracerProvider (pass it from Python), not "
-                          f"{tracer_provider!r}")
+    check_provider("observer 'opentelemetry'", options, "meter_provider", "get_meter",
+                   "opentelemetry.metrics.MeterProvider")
+    check_provider("observer 'opentelemetry'", options, "tracer_provider", "get_tracer",
+                   "opentelemetry.trace.TracerProvider")
     return OpenTelemetryObserver(**options)
+
+
+def check_options(label: str, options: Mapping[str, Any], known: Iterable[str]) -> None:
+    """`ConfigError` naming the first option `label` does not have, and those it has."""
+    known = tuple(known)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"{label} has no option {unknown[0]!r}; its options are: "
+                          f"{', '.join(known)}")
+
+
+def check_provider(label: str, options: Mapping[str, Any], name: str, method: str,
+                   kind: str) -> None:
+    """`ConfigError` unless option `name`, if given, is a provider (has `method`)."""
+    provider = options.get(name)
+    if provider is not None and not hasattr(provider, method):
+        raise ConfigError(f"{label}: option {name!r} must be an {kind} (pass it from "
+                          f"Python), not {provider!r}")
