@@ -38,6 +38,16 @@ async def answering(reply: bytes) -> AsyncIterator[str]:
         tg.cancel_scope.cancel()
 
 
+async def until_closed(stream: anyio.abc.SocketStream) -> None:
+    """Read (bounded) until the server closes the connection."""
+    with anyio.fail_after(5):
+        try:
+            while await stream.receive():
+                pass
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            pass
+
+
 async def connect_error(endpoint: str, transport: str = "tcp") -> str:
     with pytest.raises(ConnectError) as caught:
         with anyio.fail_after(10):
@@ -69,12 +79,7 @@ async def test_a_forkcore_server_tells_a_stranger_apart(
         host, port = (server.endpoint or "").rsplit(":", 1)
         async with await anyio.connect_tcp(host, int(port)) as stream:
             await stream.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            with anyio.fail_after(5):
-                try:
-                    while await stream.receive():
-                        pass
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    pass  # closed by the server
+            await until_closed(stream)
         async with forkcore.Client(servers=[server.endpoint or ""]) as client:
             assert await client.get_grain(ICounter, "k").add(1) == 1  # still serving
     assert any("is not a forkcore client (it sent 'GET / HTTP/1.1')" in r.getMessage()
@@ -88,12 +93,7 @@ async def test_a_client_of_another_version_is_told_apart_by_the_server(
         host, port = (server.endpoint or "").rsplit(":", 1)
         async with await anyio.connect_tcp(host, int(port)) as stream:
             await stream.send(b"FKC\x07" + b"\x00" * 8)  # a future client's preamble
-            with anyio.fail_after(5):
-                try:
-                    while await stream.receive():
-                        pass
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    pass  # closed by the server
+            await until_closed(stream)
     assert any("speaks forkcore protocol version 7, this side speaks 1" in r.getMessage()
                for r in caplog.records)
 
