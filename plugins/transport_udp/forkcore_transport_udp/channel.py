@@ -142,8 +142,13 @@ class QuicChannel:
         self._touch(self)
 
     async def drain(self) -> None:
-        if self._backlog() > self.HIGH_WATER and self.state == "open":
-            await self._drained.wait()
+        # a loop, as in StreamChannel: `send` arms the event from the backlog of the last
+        # transmit, so it may still be set while the live backlog is over the mark
+        while self._backlog() > self.HIGH_WATER and self.state == "open" \
+                and not self._closing:
+            if self._drained.is_set():
+                self._drained = anyio.Event()
+            await self._drained.wait()  # transmit sets it once below the mark (or closed)
         if self.state != "open" or self._closing:
             raise self._closed_error()
 
